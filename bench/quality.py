@@ -1,0 +1,63 @@
+"""Benchmark: how well the LLM conversations go — repeats, loops, errors, turns.
+
+Runs the real bots through a Tansu broker (see bench/bots.py) with several conversations for a
+fixed time, then reads every message back: the share of replies that repeat an earlier message
+of their conversation (the near-duplicate check the bots use), the share of ended conversations
+that ended in `loop` or `error`, and the average number of turns.
+
+Usage: .venv/bin/python bench/quality.py [--quick] [--model ...] [--seconds N]
+Last line: RESULT quality ratio=<share ending normally> target=0.9 repeats=... loops=... errors=...
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bots import by_conversation, run_bots  # noqa: E402
+
+from supportsim.bots.loops import is_near_duplicate  # noqa: E402
+
+
+def main() -> None:
+    """Run the bots and print the quality figures."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="SmolLM2, 150 s (< 5 min)")
+    parser.add_argument("--model")
+    parser.add_argument("--seconds", type=float)
+    args = parser.parse_args()
+    model = args.model or ("smollm2-135m" if args.quick else "qwen2.5-1.5b")
+    seconds = args.seconds or (150 if args.quick else 900)
+    # three conversations at once, so both bots generate at the same time: one thread each
+    messages = run_bots(
+        model, seconds, conversations=3, max_turns=8 if args.quick else 12, threads=1
+    )
+    conversations = by_conversation(messages)
+    replies = repeats = 0
+    for conversation in conversations.values():
+        for i, m in enumerate(conversation):
+            if m["turn"] == 0 or m["end_reason"] == "error":
+                continue
+            replies += 1
+            repeats += is_near_duplicate(m["text"], [e["text"] for e in conversation[:i]])
+    ended = [c for c in conversations.values() if c[-1]["final"]]
+    reasons = Counter(c[-1]["end_reason"] for c in ended)
+    normal = sum(n for r, n in reasons.items() if r not in {"loop", "error"})
+    turns = sum(len(c) for c in ended) / len(ended) if ended else 0.0
+    ratio = normal / len(ended) if ended else 0.0
+    print(f"conversations ended: {len(ended)} {dict(reasons)}; replies checked: {replies}")
+    print(
+        f"RESULT quality ratio={ratio:.2f} target=0.9 repeats={repeats / max(1, replies):.2f} "
+        f"loops={reasons['loop'] / max(1, len(ended)):.2f} "
+        f"errors={reasons['error'] / max(1, len(ended)):.2f} avg_turns={turns:.1f} "
+        f"ended={len(ended)} model={model}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,377 @@
+"""Live dashboard: conversations, sentiment and throughput, read from Redis only.
+
+Run alone with `streamlit run dashboard/main.py`. Configuration comes from the environment:
+REDIS_URL, REDIS_KEY_PREFIX, DASHBOARD_REFRESH_S (seconds between live refreshes, 0 for off)
+and DASHBOARD_MAX_ENDED (how many finished conversations to list). The data logic lives in
+`supportsim.dashboard_data`; this script is wiring and layout. Model text is only ever shown
+with `st.text` or in tables, never as markdown or HTML.
+"""
+
+from __future__ import annotations
+
+import sys
+from functools import partial
+from pathlib import Path
+
+import altair as alt
+import pandas as pd
+import redis
+import streamlit as st
+from pydantic import ValidationError
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout too
+
+from supportsim.dashboard_data import (  # noqa: E402
+    START_HINT,
+    DashboardSettings,
+    DashboardStore,
+    Headline,
+    Snapshot,
+    breakdown,
+    conversations_csv,
+    end_reasons,
+    escape_markdown,
+    filter_conversations,
+    filter_options,
+    headline,
+    persona_labels,
+    sentiment_trend,
+    transcript,
+)
+from supportsim.stack import redacted  # noqa: E402
+
+AVATARS = {"customer": ":material/person:", "agent": ":material/support_agent:"}
+# "user" and "assistant" get Streamlit's distinct preset styling; avatars tell them apart too
+CHAT_NAMES = {"customer": "user", "agent": "assistant"}
+BADGES = {
+    "positive": ("green", ":material/sentiment_satisfied:"),
+    "neutral": ("gray", ":material/sentiment_neutral:"),
+    "negative": ("red", ":material/sentiment_dissatisfied:"),
+}
+TABLE_COLUMNS = {
+    "status": st.column_config.TextColumn("Status", width="small"),
+    "customer": st.column_config.TextColumn("Customer"),
+    "mood": st.column_config.TextColumn("Mood"),
+    "product": st.column_config.TextColumn("Product"),
+    "agent": st.column_config.TextColumn("Agent"),
+    "turns": st.column_config.NumberColumn("Turns", format="%d"),
+    "sentiment_avg": st.column_config.NumberColumn("Avg sentiment", format="%+.2f"),
+    "sentiment_last": st.column_config.NumberColumn("Last", format="%+.2f"),
+    "sentiment_trend": st.column_config.LineChartColumn("Sentiment trend", y_min=-1, y_max=1),
+    "end_reason": st.column_config.TextColumn("End reason"),
+    "updated": st.column_config.DatetimeColumn("Updated (UTC)", format="HH:mm:ss"),
+    "duration_s": st.column_config.NumberColumn("Duration (s)", format="%.0f"),
+    "completion_tokens": st.column_config.NumberColumn("Tokens", format="%d"),
+    "conversation_id": st.column_config.TextColumn("Conversation id"),
+}
+
+st.set_page_config(page_title="SupportSim live", page_icon=":material/forum:", layout="wide")
+
+try:
+    settings = DashboardSettings()
+except ValidationError as exc:
+    st.error("The dashboard's environment settings are invalid:")
+    st.text(str(exc))
+    st.stop()
+
+REDIS_URL = settings.redis_url.get_secret_value()
+PREFIX = settings.redis_key_prefix
+MAX_ENDED = settings.dashboard_max_ended
+CACHE_TTL_S = max(0.5, min(1.0, settings.dashboard_refresh_s / 2 or 1.0))
+
+
+@st.cache_resource(show_spinner=False)
+def get_store(redis_url: str, prefix: str, max_ended: int) -> DashboardStore:
+    """One store (Redis connection pool and row cache) per process, shared by sessions."""
+    return DashboardStore.from_settings(
+        DashboardSettings(
+            redis_url=redis_url, redis_key_prefix=prefix, dashboard_max_ended=max_ended
+        )
+    )
+
+
+@st.cache_data(ttl=CACHE_TTL_S, show_spinner=False, max_entries=8)
+def load_snapshot(redis_url: str, prefix: str, max_ended: int) -> Snapshot:
+    """Fleet, series and conversation table, shared by sessions for a moment."""
+    return get_store(redis_url, prefix, max_ended).snapshot()
+
+
+@st.cache_data(ttl=CACHE_TTL_S, show_spinner=False, max_entries=64)
+def load_conversation(redis_url: str, prefix: str, max_ended: int, conversation_id: str):
+    """One conversation's document (None when missing)."""
+    return get_store(redis_url, prefix, max_ended).conversation(conversation_id)
+
+
+def show_headline(figures: Headline, series: pd.DataFrame) -> None:
+    """The six headline metrics in one row, with sparklines of the recent buckets."""
+    recent = series.tail(30)
+
+    def number(value: float | None, pattern: str) -> str:
+        return "–" if value is None else pattern.format(value)
+
+    cells = st.columns(6)
+    cells[0].metric("Active", f"{figures.active:,}", border=True, height="stretch")
+    cells[1].metric("Finished", f"{figures.ended:,}", border=True, height="stretch")
+    cells[2].metric("Messages", f"{figures.messages:,}", border=True, height="stretch")
+    cells[3].metric(
+        "Sentiment now",
+        number(figures.sentiment_now, "{:+.2f}"),
+        help="Average sentiment of the active conversations, from -1 (negative) to +1.",
+        chart_data=recent["sentiment_avg"].dropna().tolist() or None,
+        border=True,
+        height="stretch",
+    )
+    cells[4].metric(
+        "Msgs / min",
+        number(figures.messages_per_minute, "{:.1f}"),
+        help="Over the last minute of 10-second buckets.",
+        chart_data=recent["messages"].tolist() or None,
+        chart_type="bar",
+        border=True,
+        height="stretch",
+    )
+    cells[5].metric(
+        "Tokens / s",
+        number(figures.tokens_per_second, "{:.1f}"),
+        help="Completion tokens generated per second over the last minute.",
+        border=True,
+        height="stretch",
+    )
+
+
+def sentiment_over_time(series: pd.DataFrame) -> alt.LayerChart:
+    """Fleet sentiment per 10-second bucket (line) over message volume (bars)."""
+    base = alt.Chart(series).encode(
+        alt.X("time:T", title="UTC", scale=alt.Scale(type="utc"), axis=alt.Axis(format="%H:%M"))
+    )
+    bars = base.mark_bar(opacity=0.25, color="#888").encode(
+        alt.Y("messages:Q", title="Messages per 10 s", axis=alt.Axis(orient="right"))
+    )
+    line = base.mark_line(point=True, color="#1f77b4").encode(
+        alt.Y("sentiment_avg:Q", title="Sentiment", scale=alt.Scale(domain=[-1, 1])),
+        tooltip=[
+            alt.Tooltip("time:T", format="%H:%M:%S", formatType="utc", title="UTC"),
+            alt.Tooltip("sentiment_avg:Q", format="+.2f", title="Sentiment"),
+            alt.Tooltip("messages:Q", title="Messages"),
+        ],
+    )
+    return alt.layer(bars, line).resolve_scale(y="independent").properties(height=260)
+
+
+def sentiment_by(frame: pd.DataFrame, by: str) -> alt.Chart:
+    """Average sentiment per mood or product, coloured from red to green."""
+    return (
+        alt.Chart(frame)
+        .mark_bar()
+        .encode(
+            alt.X("sentiment_avg:Q", title="Avg sentiment", scale=alt.Scale(domain=[-1, 1])),
+            alt.Y(f"{by}:N", title=None, sort="-x"),
+            alt.Color(
+                "sentiment_avg:Q",
+                scale=alt.Scale(scheme="redyellowgreen", domain=[-1, 1]),
+                legend=None,
+            ),
+            tooltip=[
+                alt.Tooltip(f"{by}:N"),
+                alt.Tooltip("sentiment_avg:Q", format="+.2f", title="Avg sentiment"),
+                alt.Tooltip("conversations:Q"),
+                alt.Tooltip("messages:Q"),
+            ],
+        )
+        .properties(height=alt.Step(30))
+    )
+
+
+def conversation_trend(trend: pd.DataFrame) -> alt.LayerChart:
+    """One conversation's sentiment per turn: a line through all turns, points per speaker."""
+    base = alt.Chart(trend).encode(
+        alt.X("turn:Q", title="Turn", axis=alt.Axis(tickMinStep=1, format="d")),
+        alt.Y("score:Q", title="Sentiment", scale=alt.Scale(domain=[-1, 1])),
+    )
+    points = base.mark_circle(size=80).encode(
+        alt.Color(
+            "role:N",
+            title=None,
+            scale=alt.Scale(domain=["customer", "agent"], range=["#e4572e", "#1f77b4"]),
+        ),
+        tooltip=["turn", "role", "label", alt.Tooltip("score:Q", format="+.2f")],
+    )
+    line = base.mark_line(color="#bbb")
+    return alt.layer(line, points).properties(height=200)
+
+
+def show_fleet(snapshot: Snapshot) -> None:
+    """Sentiment over time for the whole fleet, and by customer mood and product."""
+    left, middle, right = st.columns([2, 1, 1])
+    with left:
+        st.subheader("Sentiment over time")
+        if snapshot.series.empty:
+            st.caption("No sentiment series yet.")
+        else:
+            st.altair_chart(sentiment_over_time(snapshot.series), width="stretch")
+    for column, by, title in ((middle, "mood", "By mood"), (right, "product", "By product")):
+        with column:
+            st.subheader(title)
+            frame = breakdown(snapshot.fleet, snapshot.conversations, by).dropna(
+                subset=["sentiment_avg"]
+            )
+            if frame.empty:
+                st.caption("No scored messages yet.")
+            else:
+                st.altair_chart(sentiment_by(frame, by), width="stretch")
+
+
+def show_conversations(snapshot: Snapshot) -> str | None:
+    """Filters, the conversations table, its CSV download and a picker; returns the pick."""
+    table = snapshot.conversations
+    st.subheader("Conversations")
+    mood_col, product_col, status_col, search_col = st.columns([1, 1, 1, 2])
+    moods = mood_col.multiselect(
+        "Mood", filter_options(table, snapshot.fleet, "mood"), key="mood", placeholder="All"
+    )
+    products = product_col.multiselect(
+        "Product",
+        filter_options(table, snapshot.fleet, "product"),
+        key="product",
+        placeholder="All",
+    )
+    statuses = status_col.multiselect(
+        "Status", ["active", "ended"], key="status", placeholder="All"
+    )
+    search = search_col.text_input(
+        "Search", key="search", placeholder="customer, agent, product or id"
+    )
+    view = filter_conversations(
+        table, moods=moods, products=products, statuses=statuses, search=search
+    )
+    notes = [f"{len(view):,} of {len(table):,} conversations shown"]
+    listed_ended = int((table["status"] == "ended").sum())
+    if snapshot.ended_total > listed_ended:
+        notes.append(f"the newest {listed_ended:,} of {snapshot.ended_total:,} finished listed")
+    if snapshot.unreadable:
+        notes.append(f"{snapshot.unreadable} could not be read")
+    st.caption("; ".join(notes) + ".")
+    reasons = end_reasons(snapshot.fleet, table)
+    if reasons:
+        st.caption(
+            "Finished by reason: "
+            + escape_markdown(", ".join(f"{reason} {count:,}" for reason, count in reasons.items()))
+        )
+    st.dataframe(
+        view[list(TABLE_COLUMNS)],
+        column_config=TABLE_COLUMNS,
+        hide_index=True,
+        width="stretch",
+        height=min(420, 38 + 35 * max(len(view), 1)),
+    )
+    st.download_button(
+        "Download these conversations (CSV)",
+        data=partial(conversations_csv, view),  # built on click, not on every refresh
+        file_name="conversations.csv",
+        mime="text/csv",
+        icon=":material/download:",
+        on_click="ignore",
+        key="csv",
+    )
+    if view.empty:
+        st.caption("No conversation matches the filters.")
+        return None
+    labels = persona_labels(view)
+    return st.selectbox(
+        "Open a conversation",
+        list(labels),
+        format_func=labels.__getitem__,
+        key="conversation",
+    )
+
+
+def show_transcript(conversation_id: str) -> None:
+    """One conversation: persona, figures, sentiment per turn and the whole stored transcript."""
+    document = load_conversation(REDIS_URL, PREFIX, MAX_ENDED, conversation_id)
+    if document is None:
+        st.warning("This conversation is no longer in Redis.")
+        return
+    messages = transcript(document)
+    customer = document.get("customer") if isinstance(document.get("customer"), dict) else {}
+    agent = document.get("agent") if isinstance(document.get("agent"), dict) else {}
+    st.markdown(
+        "**Customer** "
+        + escape_markdown(
+            f"{customer.get('name', '?')}, {customer.get('mood', '?')}, "
+            f"about their {customer.get('product', '?')}"
+        )
+        + " · **Agent** "
+        + escape_markdown(f"{agent.get('name', '?')} ({document.get('model', '?')})")
+    )
+    trend = sentiment_trend(document)
+    figures, chart = st.columns([1, 2])
+    with figures:
+        status = str(document.get("status") or "active")
+        if status == "ended" and document.get("end_reason"):
+            status = f"ended: {document['end_reason']}"
+        st.metric("Status", status)
+        turns = document.get("messages")
+        st.metric("Turns so far", turns if isinstance(turns, int) else len(messages))
+        avg = document.get("sentiment_avg")
+        st.metric("Avg sentiment", f"{avg:+.2f}" if isinstance(avg, int | float) else "–")
+    with chart:
+        if not trend.empty:
+            st.altair_chart(conversation_trend(trend), width="stretch")
+    turns = document.get("messages")
+    if isinstance(turns, int) and turns > len(messages):
+        st.caption(f"Showing the last {len(messages)} of {turns} messages.")
+    if not messages:
+        st.caption("No messages stored yet.")
+    with st.container(height=560 if len(messages) > 4 else "content", border=True):
+        for message in messages:
+            with st.chat_message(
+                CHAT_NAMES.get(message.role, "other"),
+                avatar=AVATARS.get(message.role, ":material/help:"),
+            ):
+                when = message.time.strftime("%H:%M:%S") if message.time else "?"
+                st.caption(escape_markdown(f"{message.speaker} · turn {message.turn} · {when}"))
+                if message.label:
+                    color, icon = BADGES[message.label]
+                    score = "" if message.score is None else f" {message.score:+.2f}"
+                    st.badge(f"{message.label}{score}", color=color, icon=icon)
+                else:
+                    st.badge("not scored", color="gray")
+                st.text(message.text)
+
+
+def live_view() -> None:
+    """Everything that refreshes: read one snapshot, then draw it."""
+    try:
+        snapshot = load_snapshot(REDIS_URL, PREFIX, MAX_ENDED)
+    except (redis.RedisError, OSError) as exc:
+        st.error(
+            escape_markdown(f"Cannot read Redis at {redacted(REDIS_URL)}: {exc}")
+            + "  \nRetrying on the next refresh."
+        )
+        st.info(START_HINT, icon=":material/power_settings_new:")
+        return
+    if snapshot.empty:
+        st.info(START_HINT, icon=":material/hourglass_empty:")
+        return
+    show_headline(headline(snapshot), snapshot.series)
+    show_fleet(snapshot)
+    selected = show_conversations(snapshot)
+    if selected:
+        st.subheader("Transcript")
+        show_transcript(selected)
+
+
+st.title("Support conversations, live")
+with st.sidebar:
+    st.header("Settings")
+    st.text(f"Redis: {redacted(REDIS_URL)}\nKey prefix: {PREFIX}")
+    refresh = settings.dashboard_refresh_s
+    live = st.toggle(
+        "Live refresh",
+        value=refresh > 0,
+        disabled=refresh == 0,
+        help="Every DASHBOARD_REFRESH_S seconds; turn off to read a transcript at rest.",
+    )
+    st.caption(f"Refresh every {refresh:g} s." if refresh else "Live refresh is off.")
+
+st.fragment(live_view, run_every=refresh if live and refresh else None)()

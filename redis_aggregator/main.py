@@ -1,0 +1,19 @@
+"""Redis aggregator: live per-conversation and fleet aggregates of the scored chat stream.
+
+Reads `chat-scored`, keeps the aggregates in Kafka-backed state and writes them to Redis
+(keys in docs/redis-keys.md). Wiring only; the logic lives in `supportsim.aggregates`.
+"""
+
+from supportsim.aggregates import AggregatorSettings, build_aggregator
+from supportsim.service import configure_logging
+
+
+def main() -> None:
+    """Read settings from the environment, build the aggregator and run it until SIGTERM."""
+    settings = AggregatorSettings()
+    configure_logging(settings.log_level, settings.service_name)
+    build_aggregator(settings).run()
+
+
+if __name__ == "__main__":
+    main()

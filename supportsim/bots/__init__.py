@@ -1,0 +1,1 @@
+"""The two chat bots: model loading, prompts, bounded memory, loop and goodbye detection, turns."""

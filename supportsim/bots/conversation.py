@@ -1,0 +1,305 @@
+"""The conversation protocol, as pure functions of (state, incoming message).
+
+Each bot keeps one plain-data state per conversation (Quix Streams state, keyed by
+conversation_id, backed by a changelog topic). Both bots read every message of a conversation;
+a bot replies only to the other side. Exactly one reply per turn follows from the turn check: a
+message whose turn is not past the last one seen is a duplicate and is ignored, and with
+exactly-once processing the reply, the state change and the consumed offset commit together.
+
+A conversation starts with the agent's greeting (turn 0, from a template, so no LLM is needed
+to start one). Whichever bot writes a conversation's final message also writes the greeting of
+its replacement, so the number of conversations stays at the seeded target.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from supportsim.messages import (
+    MAX_TEXT_CHARS,
+    AgentPersona,
+    ChatMessage,
+    CustomerPersona,
+    DeadLetter,
+    Role,
+    now_ms,
+)
+
+logger = logging.getLogger(__name__)
+
+CONVERSATION_NAMESPACE = uuid.UUID("6f1d7c2e-3b1a-4d8e-9a57-0c2f3e5d9b11")
+MAX_HISTORY = 200
+ERROR_TEXT = "[this conversation ended because the {role} bot failed: {error}]"
+
+
+@dataclass
+class Reply:
+    """What a responder produced for one turn."""
+
+    text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_ms: int = 0
+    loop: bool = False
+
+
+class Responder(Protocol):
+    """Writes the next line of one side of a conversation (an LLM, or scripted templates)."""
+
+    model_name: str
+
+    def respond(self, role: Role, conversation: ConversationState) -> Reply:
+        """The reply of `role` to the conversation so far."""
+        ...
+
+
+class Opening(Protocol):
+    """Draws the persona and greeting of a new conversation (a scenario)."""
+
+    def open(self, conversation_id: str, rng: random.Random) -> tuple[dict, dict, str]:
+        """Return (customer persona, agent persona, greeting text)."""
+        ...
+
+
+@dataclass
+class ConversationState:
+    """Everything a bot remembers about one conversation: plain data, never model objects."""
+
+    conversation_id: str
+    customer: dict
+    agent: dict
+    history: list[dict] = field(default_factory=list)  # {"turn", "role", "text"}
+    last_turn: int = -1
+    ended: bool = False
+    end_reason: str | None = None
+
+    def to_state(self) -> dict[str, Any]:
+        """The dict stored in Quix state (history dropped once ended)."""
+        return {
+            "conversation_id": self.conversation_id,
+            "customer": self.customer,
+            "agent": self.agent,
+            "history": [] if self.ended else self.history[-MAX_HISTORY:],
+            "last_turn": self.last_turn,
+            "ended": self.ended,
+            "end_reason": self.end_reason,
+        }
+
+    @classmethod
+    def from_state(cls, data: dict[str, Any]) -> ConversationState:
+        """Rebuild from what :meth:`to_state` stored."""
+        return cls(**data)
+
+    def texts(self, role: Role | None = None) -> list[str]:
+        """Texts said so far, optionally by one side only."""
+        return [h["text"] for h in self.history if role is None or h["role"] == role]
+
+
+@dataclass
+class BotConfig:
+    """How a bot behaves: its role, the turn limit, and what to call the model."""
+
+    role: Role
+    max_turns: int = 12
+    service: str = "bot"
+
+    @property
+    def other(self) -> Role:
+        """The side this bot answers."""
+        return "agent" if self.role == "customer" else "customer"
+
+
+@dataclass
+class Outcome:
+    """What handling one message produced: the new state and the records to write."""
+
+    state: ConversationState | None
+    messages: list[ChatMessage] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+
+
+def successor_id(conversation_id: str) -> str:
+    """The id of the conversation that replaces this one (deterministic, so a redo repeats it)."""
+    return str(uuid.uuid5(CONVERSATION_NAMESPACE, f"{conversation_id}/next"))
+
+
+def turn_message_id(conversation_id: str, turn: int) -> str:
+    """The message_id of a turn: one per turn, so a redone turn keeps the id of its first try."""
+    return str(uuid.uuid5(CONVERSATION_NAMESPACE, f"{conversation_id}/{turn}"))
+
+
+def slot_id(namespace: str, slot: int) -> str:
+    """The id of the first conversation of seeding slot `slot` (re-seeding repeats it)."""
+    return str(uuid.uuid5(CONVERSATION_NAMESPACE, f"{namespace}/slot/{slot}"))
+
+
+def opening_message(conversation_id: str, opening: Opening) -> ChatMessage:
+    """Turn 0 of a new conversation: the agent's greeting, with personas drawn for it alone."""
+    rng = random.Random(conversation_id)  # per conversation: never shared between conversations
+    customer, agent, greeting = opening.open(conversation_id, rng)
+    return ChatMessage(
+        conversation_id=conversation_id,
+        message_id=turn_message_id(conversation_id, 0),
+        turn=0,
+        role="agent",
+        text=greeting,
+        timestamp_ms=now_ms(),
+        customer=CustomerPersona(**customer),
+        agent=AgentPersona(**agent),
+        model="template",
+        prompt_tokens=0,
+        completion_tokens=0,
+        latency_ms=0,
+    )
+
+
+def is_goodbye_turn(role: Role, text: str) -> bool:
+    """A customer's goodbye ends the conversation (an agent's closing line alone does not)."""
+    from supportsim.bots.loops import is_goodbye
+
+    return role == "customer" and is_goodbye(text)
+
+
+def handle(
+    state: ConversationState | None,
+    message: ChatMessage,
+    config: BotConfig,
+    responder: Responder,
+    opening: Opening,
+) -> Outcome:
+    """Apply one message of the `chat` topic to a bot's state; reply when it is our turn."""
+    dead = _check_order(state, message, config)
+    if dead is not None:
+        return Outcome(state, dead_letters=[dead])
+    if state is not None and message.turn <= state.last_turn:
+        # our own replies come back this way too; anything else is a redelivered duplicate
+        level = logging.DEBUG if message.role == config.role else logging.INFO
+        logger.log(level, "ignoring seen turn %s of %s", message.turn, message.conversation_id)
+        return Outcome(state)
+
+    if state is None:
+        state = ConversationState(
+            message.conversation_id,
+            customer=message.customer.model_dump(),
+            agent=message.agent.model_dump(),
+        )
+    state.history.append({"turn": message.turn, "role": message.role, "text": message.text})
+    state.last_turn = message.turn
+    if message.final:
+        state.ended, state.end_reason = True, message.end_reason
+        return Outcome(state)
+    if message.role == config.role:
+        return Outcome(state)  # our own line, read back: remembered, not answered
+
+    reply_message = _reply(state, message, config, responder)
+    state.history.append(
+        {"turn": reply_message.turn, "role": config.role, "text": reply_message.text}
+    )
+    state.last_turn = reply_message.turn
+    out = [reply_message]
+    if reply_message.final:
+        state.ended, state.end_reason = True, reply_message.end_reason
+        out.append(opening_message(successor_id(state.conversation_id), opening))
+        logger.info(
+            "conversation %s ended (%s) after %s turns; started %s",
+            state.conversation_id,
+            state.end_reason,
+            reply_message.turn + 1,
+            out[-1].conversation_id,
+        )
+    return Outcome(state, messages=out)
+
+
+def turn_order_problem(
+    turn: int, last_turn: int | None, ended: bool = False, end_reason: str | None = None
+) -> str | None:
+    """Why `turn` breaks the order of its conversation, which is at `last_turn` (None: unknown).
+
+    None when it fits: the next turn of a conversation in progress, turn 0 of a new one, or a
+    turn already seen (a duplicate, for the caller to ignore). The bots and the aggregator both
+    dead-letter what this names.
+    """
+    if last_turn is None:
+        if turn == 0:
+            return None
+        return f"turn {turn} for an unknown conversation (it must start at turn 0)"
+    if ended and turn > last_turn:
+        reason = f" ({end_reason})" if end_reason else ""
+        return f"turn {turn} after the conversation ended at turn {last_turn}{reason}"
+    if turn > last_turn + 1:
+        return f"out-of-order turn {turn}: expected turn {last_turn + 1}"
+    return None
+
+
+def _check_order(
+    state: ConversationState | None, message: ChatMessage, config: BotConfig
+) -> DeadLetter | None:
+    problem = turn_order_problem(
+        message.turn,
+        None if state is None else state.last_turn,
+        state is not None and state.ended,
+        None if state is None else state.end_reason,
+    )
+    if problem is None and state is None and message.role != "agent":
+        problem = "a conversation must start with the agent's greeting (turn 0, role agent)"
+    if (
+        problem is None
+        and state is not None
+        and message.turn == state.last_turn + 1
+        and state.history
+        and message.role == state.history[-1]["role"]
+    ):
+        problem = f"turn {message.turn} repeats the {message.role} side; roles must alternate"
+    if problem is None:
+        return None
+    from supportsim.messages import dead_letter
+
+    logger.warning("dead letter for %s: %s", message.conversation_id, problem)
+    return dead_letter(
+        message.model_dump_json().encode(),
+        problem,
+        service=config.service,
+        source_topic="chat",
+        key=message.key,
+    )
+
+
+def _reply(
+    state: ConversationState, message: ChatMessage, config: BotConfig, responder: Responder
+) -> ChatMessage:
+    turn = message.turn + 1
+    final, end_reason = False, None
+    try:
+        reply = responder.respond(config.role, state)
+        text = reply.text[:MAX_TEXT_CHARS]
+        if reply.loop:
+            final, end_reason = True, "loop"
+        elif is_goodbye_turn(config.role, text):
+            final, end_reason = True, "goodbye"
+        elif turn >= config.max_turns - 1:
+            final, end_reason = True, "turn_limit"
+    except Exception as exc:  # a conversation never dies silently: it ends with a reason
+        logger.exception("%s bot failed on %s turn %s", config.role, state.conversation_id, turn)
+        reply = Reply(text="")
+        text = ERROR_TEXT.format(role=config.role, error=type(exc).__name__)
+        final, end_reason = True, "error"
+    return ChatMessage(
+        conversation_id=state.conversation_id,
+        message_id=turn_message_id(state.conversation_id, turn),
+        turn=turn,
+        role=config.role,
+        text=text,
+        timestamp_ms=now_ms(),
+        customer=CustomerPersona(**state.customer),
+        agent=AgentPersona(**state.agent),
+        model=responder.model_name,
+        prompt_tokens=reply.prompt_tokens,
+        completion_tokens=reply.completion_tokens,
+        latency_ms=reply.latency_ms,
+        final=final,
+        end_reason=end_reason,
+    )

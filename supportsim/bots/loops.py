@@ -1,0 +1,124 @@
+"""Spotting a conversation that goes in circles, and one that is over.
+
+Small models start echoing the other side after a few exchanges (measured with the 1.5B model:
+after 3-4 exchanges), so every reply is checked against what was said before. Both checks are pure
+functions of text.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import unicodedata
+from collections.abc import Iterable
+
+DUPLICATE_THRESHOLD = 0.85
+# texts are compared word by word (characters would cost seconds on long messages)
+# below this many words only an identical text is a repeat ("Thanks!" after "Thank you!")
+MIN_FUZZY_WORDS = 5
+# copied text: runs of at least this many words shared with an earlier message
+MIN_COPIED_RUN = 3
+# a reply is an echo when copied text makes up this share of it (and at least MIN_COPIED_WORDS)
+COPIED_SHARE_OF_REPLY = 0.6
+MIN_COPIED_WORDS = 8
+# ... or when it copies this share of an earlier message at least ECHOED_MESSAGE_WORDS long
+# (a short line restated in a reply, "your headphones stopped working", is no echo)
+COPIED_SHARE_OF_EARLIER = 0.8
+ECHOED_MESSAGE_WORDS = 15
+
+_WORD = re.compile(r"[\w']+")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+_CLAUSE_BREAK = re.compile(r"[,;:]|\s[-\u2013\u2014]\s")
+_NEGATION = re.compile(r"\b(?:not|never|cannot|without|before|until)\b|n't\b")
+_FAREWELL = re.compile(
+    r"""\b(?:
+        good[\s-]?bye
+      | bye(?:[\s-]bye)?(?:\s+(?:now|for\s+now))?
+      | farewell
+      | take\s+care
+      | see\s+you(?:\s+(?:later|soon|around))?
+      | talk\s+(?:to\s+you\s+)?(?:later|soon)
+      | have\s+a\s+(?:nice|good|great|lovely|wonderful|pleasant|fantastic)
+            (?:\s+(?:rest\s+of\s+(?:the|your)\s+)?(?:day|evening|night|weekend|week|one|trip|flight))?
+      | (?:that's|that\s+is|that\s+was)\s+all(?:\s+(?:for\s+now|i\s+needed|i\s+need))?
+    )$""",
+    re.VERBOSE,
+)
+
+
+def normalise(text: str) -> str:
+    """Lower-case words only: accents folded, punctuation and spacing ignored."""
+    text = text.replace("\u2019", "'")
+    folded = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    return " ".join(_WORD.findall(folded.lower()))
+
+
+def similarity(first: str, second: str) -> float:
+    """How alike two texts are, from 0 (nothing shared) to 1 (same words in the same order)."""
+    a, b = normalise(first).split(), normalise(second).split()
+    if not a or not b:
+        return 1.0 if a == b else 0.0
+    return difflib.SequenceMatcher(None, a, b, autojunk=False).ratio()
+
+
+def is_near_duplicate(
+    reply: str, earlier_texts: Iterable[str], threshold: float = DUPLICATE_THRESHOLD
+) -> bool:
+    """True when `reply` repeats or echoes one of `earlier_texts`.
+
+    Compared word by word after :func:`normalise`: an identical text; a text at least
+    `threshold` similar (texts of some length only); a reply mostly copied from an earlier
+    message (one of its sentences, say); or a reply that copies most of an earlier long message,
+    framed by a few words of its own. A `threshold` of 0 counts every non-empty reply as a
+    repeat (it forces a retry).
+    """
+    candidate = normalise(reply).split()
+    if not candidate:
+        return False
+    for earlier in earlier_texts:
+        previous = normalise(earlier).split()
+        if not previous:
+            continue
+        if candidate == previous:
+            return True
+        if min(len(candidate), len(previous)) < MIN_FUZZY_WORDS and threshold > 0:
+            continue
+        matcher = difflib.SequenceMatcher(None, candidate, previous, autojunk=False)
+        copied = sum(
+            block.size for block in matcher.get_matching_blocks() if block.size >= MIN_COPIED_RUN
+        )
+        mostly_copied = copied >= max(MIN_COPIED_WORDS, COPIED_SHARE_OF_REPLY * len(candidate))
+        echoes_earlier = len(
+            previous
+        ) >= ECHOED_MESSAGE_WORDS and copied >= COPIED_SHARE_OF_EARLIER * len(previous)
+        if mostly_copied or echoes_earlier or matcher.ratio() >= threshold:
+            return True
+    return False
+
+
+def is_goodbye(text: str) -> bool:
+    """True when `text` ends the conversation with a farewell.
+
+    The farewell has to close the last sentence, or the one before it ("Bye! Thanks again."),
+    the text must not end with a question, and the farewell must not sit in a negated clause, so
+    "I don't want to say goodbye to my money" or "I'm not saying goodbye" do not count. Thanks
+    alone is no farewell: the models thank the other side in the middle of a chat all the time.
+    """
+    sentences = [s.strip() for s in _SENTENCE_END.split(text.strip()) if normalise(s)]
+    if not sentences or sentences[-1].endswith("?"):
+        return False
+    return any(_closes_with_farewell(sentence) for sentence in sentences[-2:])
+
+
+def _closes_with_farewell(sentence: str) -> bool:
+    if sentence.endswith("?"):
+        return False
+    clauses = [normalise(c) for c in _CLAUSE_BREAK.split(sentence)]
+    clauses = [c for c in clauses if c]
+    if not clauses:
+        return False
+    last = clauses[-1]
+    if not _FAREWELL.search(last) and len(clauses) > 1 and len(last.split()) <= 3:
+        # a short form of address or thanks after the farewell: "bye, Sam", "that's all, thanks"
+        last = clauses[-2]
+    return _FAREWELL.search(last) is not None and _NEGATION.search(last) is None

@@ -1,0 +1,164 @@
+"""One bot turn: prompt, bounded memory, generation, and a retry when the model repeats itself.
+
+:func:`generate_turn` is what the Kafka bot engine calls for every reply. :class:`LLMResponder`
+wraps it for the engine's responder interface.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+from langchain_core.messages import BaseMessage
+
+from supportsim.bots.llm import ChatLLM, LLMConfig, Reply
+from supportsim.bots.loops import DUPLICATE_THRESHOLD, is_near_duplicate
+from supportsim.bots.memory import bounded_messages
+from supportsim.bots.models import Progress
+from supportsim.bots.prompts import REPEAT_WARNING, TURN_REMINDERS, Persona, Scenario
+from supportsim.messages import Role
+
+logger = logging.getLogger(__name__)
+
+# how many earlier lines a reply is compared with when looking for a loop
+RECENT_LINES = 8
+RETRY_TEMPERATURE_STEP = 0.3
+MAX_TEMPERATURE = 1.5
+RETRY_REPEAT_PENALTY = 1.25
+SPEAKER_LABELS: dict[Role, tuple[str, ...]] = {
+    "customer": ("Customer", "CUSTOMER"),
+    "agent": ("Agent", "AGENT"),
+}
+
+
+class EmptyReplyError(RuntimeError):
+    """The model produced nothing usable, also on its retry."""
+
+
+class ConversationView(Protocol):
+    """What a responder reads from a conversation's state."""
+
+    customer: dict
+    agent: dict
+    history: list[dict]
+
+
+def other_side(role: Role) -> Role:
+    """The role a bot playing `role` talks to."""
+    return "agent" if role == "customer" else "customer"
+
+
+def stop_sequences(role: Role, persona: Persona) -> list[str]:
+    """Where generation stops: the point the model starts writing the other side's line."""
+    other = other_side(role)
+    name = persona.name_of(other)
+    first_name = name.split()[0]
+    stops = [f"{label}:" for label in SPEAKER_LABELS[other]]
+    stops += [f"{name}:", f"\n{first_name}:", "\nUser:", "\nAssistant:"]
+    # the reminders in the prompt are stage directions: a model that starts copying one is done
+    stops += ["\n(", *(_opening_words(text) for text in (*TURN_REMINDERS.values(), REPEAT_WARNING))]
+    if other == "agent":
+        stops.append("Support agent:")
+    return list(dict.fromkeys(stops))
+
+
+def _opening_words(template: str) -> str:
+    return " ".join(template.split("{", 1)[0].split()[:2])
+
+
+def own_labels(role: Role, persona: Persona) -> list[str]:
+    """Names the speaker might write in front of its own line (stripped from replies)."""
+    name = persona.name_of(role)
+    return list(dict.fromkeys([name, name.split()[0], *SPEAKER_LABELS[role]]))
+
+
+def generate_turn(
+    llm: ChatLLM,
+    scenario: Scenario,
+    persona: Persona,
+    role: Role,
+    history: Sequence[Mapping[str, Any]],
+    *,
+    duplicate_threshold: float = DUPLICATE_THRESHOLD,
+) -> Reply:
+    """The next line of `role` in a conversation with `persona`, given its `history` so far.
+
+    `history` is the plain conversation history ({"role", "text"} dicts, oldest first). When the
+    first attempt is empty or repeats a recent line, generation is retried once with hotter
+    sampling, a new seed and a warning against repeating in the prompt; a retry that still
+    repeats comes back with ``loop=True`` (the caller ends the conversation). Token counts and
+    latency cover both attempts. Raises :class:`EmptyReplyError` when both attempts are empty.
+    """
+
+    def prompt(repeated: bool) -> list[BaseMessage]:
+        return bounded_messages(
+            scenario.system_prompt(role, persona),
+            history,
+            role,
+            token_counter=llm.count_tokens,
+            max_tokens=llm.max_prompt_tokens,
+            opening_cue=scenario.opening_cue(role, persona),
+            reminder=scenario.turn_reminder(role, persona, repeated=repeated),
+        )
+
+    stop = stop_sequences(role, persona)
+    labels = own_labels(role, persona)
+    recent = [str(line["text"]) for line in history[-RECENT_LINES:]]
+
+    first = llm.reply(prompt(repeated=False), stop=stop, labels=labels)
+    if first.text and not is_near_duplicate(first.text, recent, duplicate_threshold):
+        return first
+    logger.info(
+        "%s reply %s; retrying with hotter sampling",
+        role,
+        "was empty" if not first.text else "repeats an earlier line",
+    )
+    config = llm.config
+    retry = llm.reply(
+        prompt(repeated=True),
+        stop=stop,
+        labels=labels,
+        temperature=min(config.temperature + RETRY_TEMPERATURE_STEP, MAX_TEMPERATURE),
+        seed=(config.seed + 7919) % 2**31 if config.seed >= 0 else None,
+        repeat_penalty=max(config.repeat_penalty, RETRY_REPEAT_PENALTY),
+    )
+    if not retry.text and not first.text:
+        raise EmptyReplyError(f"the model wrote nothing for the {role}, twice")
+    chosen = retry if retry.text else first
+    loop = is_near_duplicate(chosen.text, recent, duplicate_threshold)
+    if loop:
+        logger.warning("%s reply still repeats an earlier line after a retry", role)
+    return Reply(
+        text=chosen.text,
+        prompt_tokens=first.prompt_tokens + retry.prompt_tokens,
+        completion_tokens=first.completion_tokens + retry.completion_tokens,
+        latency_ms=first.latency_ms + retry.latency_ms,
+        finish_reason=chosen.finish_reason,
+        loop=loop,
+        retried=True,
+        raw_text=chosen.raw_text,
+    )
+
+
+class LLMResponder:
+    """Answers for one side of any conversation with a loaded model and a scenario.
+
+    Matches the bot engine's responder interface: ``model_name`` and ``respond(role, state)``,
+    where the state carries the `customer` and `agent` persona dicts and the `history`.
+    """
+
+    def __init__(self, llm: ChatLLM, scenario: Scenario) -> None:
+        self.llm = llm
+        self.scenario = scenario
+        self.model_name = llm.model_name
+
+    @classmethod
+    def from_env(cls, scenario: Scenario, *, progress: Progress | None = None) -> LLMResponder:
+        """Load the model configured by the ``LLM_*`` variables (once per process)."""
+        return cls(ChatLLM.load(LLMConfig(), progress=progress), scenario)
+
+    def respond(self, role: Role, conversation: ConversationView) -> Reply:
+        """The reply of `role` to the conversation so far."""
+        persona = Persona.from_contract(conversation.customer, conversation.agent)
+        return generate_turn(self.llm, self.scenario, persona, role, conversation.history)

