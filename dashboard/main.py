@@ -10,7 +10,6 @@ with `st.text` or in tables, never as markdown or HTML.
 from __future__ import annotations
 
 import sys
-from functools import partial
 from pathlib import Path
 
 import altair as alt
@@ -266,7 +265,10 @@ def show_conversations(snapshot: Snapshot) -> str | None:
     )
     st.download_button(
         "Download these conversations (CSV)",
-        data=partial(conversations_csv, view),  # built on click, not on every refresh
+        # Built on every refresh (about 25 ms for 1,200 rows) and served as a plain link. A
+        # callable would be built on click, but its id is replaced by each live refresh, and
+        # a click that races a refresh can then fetch nothing.
+        data=conversations_csv(view),
         file_name="conversations.csv",
         mime="text/csv",
         icon=":material/download:",

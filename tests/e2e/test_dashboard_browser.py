@@ -69,16 +69,17 @@ def site(redis_url, tmp_path_factory):
         client, prefix, documents, fleet=sample_fleet(documents), series=sample_series(now)
     )
     env = {"REDIS_URL": redis_url, "REDIS_KEY_PREFIX": prefix, "DASHBOARD_REFRESH_S": "1"}
+    log_dir = tmp_path_factory.mktemp("dashboard")
     try:
-        with serve_dashboard(env, tmp_path_factory.mktemp("dashboard")) as url:
-            yield url, client, prefix, hostile, documents
+        with serve_dashboard(env, log_dir) as url:
+            yield url, client, prefix, hostile, documents, log_dir
     finally:
         for key in client.scan_iter(f"{prefix}*", count=1000):
             client.delete(key)
 
 
 def test_page_shows_a_conversation_and_runs_no_model_text(site):
-    url, _, _, hostile, _ = site
+    url, _, _, hostile, _, _ = site
     with open_page(url, wait_for="Transcript") as page:
         for text in HOSTILE_TEXTS:
             wait_for_text(page, text)  # literal, markup and all
@@ -97,7 +98,7 @@ def test_page_shows_a_conversation_and_runs_no_model_text(site):
 
 
 def test_live_refresh_without_reloading_the_page(site):
-    url, client, prefix, hostile, documents = site
+    url, client, prefix, hostile, documents, _ = site
     keys = RedisKeys(prefix)
     with open_page(url, wait_for=HOSTILE_TEXTS[-1]) as page:
         page.evaluate("window.__marker = 'same page'")
@@ -118,11 +119,22 @@ def test_live_refresh_without_reloading_the_page(site):
 
 
 def test_csv_download_from_the_browser(site, tmp_path):
-    url, _, _, _, documents = site
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    url, _, _, _, documents, log_dir = site
+    saved = Path(tmp_path / "conversations.csv")
     with open_page(url, wait_for="Download these conversations") as page:
-        with page.expect_download() as download:
-            page.get_by_role("button", name="Download these conversations (CSV)").click()
-        saved = Path(tmp_path / "conversations.csv")
+        try:
+            with page.expect_download(timeout=30_000) as download:
+                page.get_by_role("button", name="Download these conversations (CSV)").click()
+        except PlaywrightTimeout:
+            # say why: the button's own error, and what the dashboard logged
+            errors = page.locator("[data-testid=stDownloadButtonError]").all_inner_texts()
+            log = "".join(p.read_text(errors="replace") for p in log_dir.glob("*.log"))
+            pytest.fail(
+                f"no download 30 s after the click; button errors {errors}; "
+                f"dashboard log:\n{log[-3000:]}"
+            )
         download.value.save_as(saved)
         assert download.value.suggested_filename == "conversations.csv"
     rows = list(csv.DictReader(io.StringIO(saved.read_text(encoding="utf-8"))))

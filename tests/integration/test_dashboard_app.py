@@ -307,18 +307,18 @@ def test_selecting_a_conversation_opens_its_transcript(app_env, mixed):
 
 def test_csv_download_holds_the_conversations_in_view(app_env, mixed, monkeypatch):
     downloads = {}
-    original = MediaFileManager.add_deferred
+    original = MediaFileManager.add
 
-    def capture(self, data_callable, mimetype, coordinates, file_name=None, **kwargs):
-        downloads[file_name] = (mimetype, data_callable)
-        return original(self, data_callable, mimetype, coordinates, file_name, **kwargs)
+    def capture(self, data, mimetype, coordinates, file_name=None, **kwargs):
+        downloads[file_name] = (mimetype, data)  # the latest run's file wins
+        return original(self, data, mimetype, coordinates, file_name, **kwargs)
 
-    monkeypatch.setattr(MediaFileManager, "add_deferred", capture)
+    monkeypatch.setattr(MediaFileManager, "add", capture)
     app = run_app()
     app.multiselect(key="status").select("ended").run()
-    mimetype, make = downloads["conversations.csv"]
+    mimetype, data = downloads["conversations.csv"]
     assert mimetype == "text/csv"
-    rows = list(csv.DictReader(io.StringIO(make().decode("utf-8"))))
+    rows = list(csv.DictReader(io.StringIO(data.decode("utf-8"))))
     assert [r["conversation_id"] for r in rows] == table(app)["conversation_id"].tolist()
     assert {r["status"] for r in rows} == {"ended"} and {r["end_reason"] for r in rows} == {
         "goodbye"
