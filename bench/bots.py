@@ -4,8 +4,9 @@ One conversation at a time, one customer and one agent process (so generation is
 sequential, as raw generation is), talk through a Tansu broker for a fixed time. Our rate is the
 completion tokens of every reply divided by the wall time from the greeting to the last reply:
 it pays for Kafka hops, state, prompt building and memory trimming. The baseline, in the same
-run, loads the same GGUF with llama-cpp-python alone and generates, for each recorded reply, a
-completion of the same length from a prompt of the same token length with the same settings.
+run, replays the same conversations through llama-cpp-python's own chat API: one `Llama` per
+side, each reply generated in the bots' order from the same system prompt and conversation so far,
+with the same sampling and as many tokens (see `raw_rate`).
 
 Usage: .venv/bin/python bench/bots.py [--quick] [--model qwen2.5-1.5b|smollm2-135m] [--seconds N]
 Last line: RESULT bots ratio=<ours/raw> target=0.9 ours_tok_s=... raw_tok_s=... msgs_per_min=...
@@ -32,11 +33,6 @@ from supportsim.stack import (  # noqa: E402
     LocalBroker,
     spawn,
     stop_process,
-)
-
-FILLER = (
-    "Customer: my laptop stopped charging after two days and I want to know my options. "
-    "Agent: I am sorry to hear that, could you give me the order number please? "
 )
 
 
@@ -86,6 +82,8 @@ def run_bots(
             stop_process(p)
     messages = read_all(broker.address, "chat")
     broker.stop()
+    with (work / "chat.jsonl").open("w", encoding="utf-8") as out:
+        out.writelines(json.dumps(m) + "\n" for m in messages)
     return messages
 
 
@@ -135,21 +133,51 @@ def turn_gaps_ms(messages: list[dict]) -> list[float]:
     return gaps
 
 
-def raw_rate(model: str, replies: list[dict]) -> float:
-    """Tokens/s of llama-cpp-python alone, same prompt and completion lengths and settings."""
+def raw_rate(model: str, messages: list[dict], threads: int = 2) -> float:
+    """Tokens/s of llama-cpp-python's own chat API replaying the same conversations.
+
+    One `Llama` per side, as the bots run one process per side (so each keeps its own prompt
+    cache); every reply is generated in the order the bots wrote them, from the same system
+    prompt and the same conversation so far, with the same sampling and as many tokens. No Kafka,
+    no state, no LangChain, no memory trimming: what a plain chat loop over the model would pay.
+    (A reply the bots retried counts its two attempts' tokens in one generation here.)
+    """
     from llama_cpp import Llama
 
+    from supportsim.bots.llm import LLMConfig
     from supportsim.bots.models import resolve_model
+    from supportsim.bots.prompts import Persona, load_scenario
 
-    path = resolve_model(model).path
-    llm = Llama(model_path=str(path), n_ctx=2048, n_threads=2, verbose=False, seed=1)
-    filler = llm.tokenize(FILLER.encode() * 40)
+    config = LLMConfig()
+    path = str(resolve_model(model).path)
+    llms = {
+        role: Llama(model_path=path, n_ctx=config.n_ctx, n_threads=threads, verbose=False, seed=1)
+        for role in ("customer", "agent")
+    }
+    scenario = load_scenario()
+    conversations = by_conversation(messages)
+    replies = sorted(
+        (m for m in messages if m["turn"] > 0 and m["model"] != "template"),
+        key=lambda m: m["timestamp_ms"],
+    )
     tokens = 0
     started = time.perf_counter()
     for reply in replies:
-        prompt = filler[: max(8, min(reply["prompt_tokens"], 2048 - 200))]
-        out = llm.create_completion(
-            prompt, max_tokens=max(1, reply["completion_tokens"]), temperature=0.8, top_p=0.95
+        role = reply["role"]
+        persona = Persona.from_contract(reply["customer"], reply["agent"])
+        chat = [{"role": "system", "content": scenario.system_prompt(role, persona)}]
+        for line in conversations[reply["conversation_id"]]:
+            if line["turn"] >= reply["turn"]:
+                break
+            speaker = "assistant" if line["role"] == role else "user"
+            chat.append({"role": speaker, "content": line["text"]})
+        out = llms[role].create_chat_completion(
+            chat,
+            max_tokens=max(1, reply["completion_tokens"]),
+            temperature=config.temperature,
+            top_p=config.top_p,
+            top_k=config.top_k,
+            repeat_penalty=config.repeat_penalty,
         )
         tokens += out["usage"]["completion_tokens"]
     return tokens / (time.perf_counter() - started)
@@ -173,7 +201,7 @@ def main() -> None:
     last = max(m["timestamp_ms"] for m in replies)
     tokens = sum(m["completion_tokens"] for m in replies)
     ours = tokens / ((last - first) / 1000)
-    raw = raw_rate(model, replies)
+    raw = raw_rate(model, messages)
     conversations = sum(1 for m in messages if m["final"])
     per_min = len(replies) / ((last - first) / 60000)
     per_hour = conversations / ((last - first) / 3_600_000)
