@@ -66,8 +66,10 @@ def reply_times(stack, start_ms: int, end_ms: int) -> list[int]:
 def slices(start_ms: int, end_ms: int, stamps: list[int], watcher) -> list[str]:
     """Per 30 s of the window: the bots' reply rate and the chat-to-Redis latency."""
     lines = []
-    for begin in range(start_ms, end_ms, SLICE_MS):
-        end = min(begin + SLICE_MS, end_ms)
+    begins = list(range(start_ms, end_ms, SLICE_MS))
+    if len(begins) > 1 and end_ms - begins[-1] < SLICE_MS // 2:
+        begins.pop()  # a short remainder joins the slice before it (no "60-60 s" line)
+    for begin, end in zip(begins, [*begins[1:], end_ms], strict=True):
         rate = sum(begin <= t < end for t in stamps) / ((end - begin) / 1000)
         latencies = [
             latency

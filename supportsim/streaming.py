@@ -160,7 +160,18 @@ def send_dead_letter(topics: Topics, row: Row, error: str, settings: ServiceSett
         offset=row.offset,
         key=key,
     )
-    logger.warning("dead letter from %s[%s]@%s: %s", row.topic, row.partition, row.offset, error)
+    report_dead_letter(topics, record, key)
+
+
+def report_dead_letter(topics: Topics, record: DeadLetter, key: bytes | None) -> None:
+    """Log a bad input (where it came from and why) and write its dead letter."""
+    logger.warning(
+        "dead letter from %s[%s]@%s: %s",
+        record.source_topic,
+        record.partition,
+        record.offset,
+        record.error,
+    )
     write_dead_letter(topics, record, key)
 
 
@@ -195,10 +206,7 @@ def validated(
             key=key,
         )
         if isinstance(parsed, DeadLetter):
-            logger.warning(
-                "dead letter from %s[%s]@%s: %s", ctx.topic, ctx.partition, ctx.offset, parsed.error
-            )
-            write_dead_letter(topics, parsed, key)
+            report_dead_letter(topics, parsed, key)
             return None
         return to_json(parsed)
 

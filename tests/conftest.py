@@ -46,6 +46,18 @@ def redis_url(session_dir) -> str:
     instance.stop()
 
 
+@pytest.fixture(scope="session")
+def sentiment_model() -> Path:
+    """The builtin sentiment model, trained into the cache first if it is not there yet.
+
+    A test that starts the whole stack needs it: on a new machine the service would otherwise
+    train it on first use (1-2 minutes on 2 idle cores, 8-10 with the bots generating beside it).
+    """
+    from supportsim.sentiment import ensure_builtin_model
+
+    return ensure_builtin_model()
+
+
 @pytest.fixture
 def prefix() -> str:
     """A unique prefix isolating one test's topics, consumer groups and Redis keys."""

@@ -73,6 +73,8 @@ class LLMConfig(BaseSettings):
     seed: int = -1
     max_reply_chars: int = Field(default=800, ge=40, le=MAX_TEXT_CHARS)
     context_margin: int = Field(default=16, ge=0)
+    # further attempts, each hotter, when a reply is empty or repeats an earlier line
+    retries: int = Field(default=2, ge=0, le=5)
 
     @property
     def max_prompt_tokens(self) -> int:
@@ -90,8 +92,13 @@ class Reply:
     latency_ms: int = 0
     finish_reason: str | None = None
     loop: bool = False
-    retried: bool = False
+    attempts: int = 1
     raw_text: str = field(default="", repr=False)
+
+    @property
+    def retried(self) -> bool:
+        """True when the first attempt was empty or a repeat and the model was asked again."""
+        return self.attempts > 1
 
 
 class ChatLLM:

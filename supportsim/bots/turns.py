@@ -85,10 +85,11 @@ def generate_turn(
     """The next line of `role` in a conversation with `persona`, given its `history` so far.
 
     `history` is the plain conversation history ({"role", "text"} dicts, oldest first). When the
-    first attempt is empty or repeats a recent line, generation is retried once with hotter
-    sampling, a new seed and a warning against repeating in the prompt; a retry that still
-    repeats comes back with ``loop=True`` (the caller ends the conversation). Token counts and
-    latency cover both attempts. Raises :class:`EmptyReplyError` when both attempts are empty.
+    first attempt is empty or repeats a recent line, generation is retried (``LLM_RETRIES``
+    times at most, 2 by default) with hotter sampling each time, a new seed and a warning against
+    repeating in the prompt; a last reply that still repeats comes back with ``loop=True`` (the
+    caller ends the conversation). Token counts and latency cover every attempt. Raises
+    :class:`EmptyReplyError` when every attempt is empty.
     """
 
     def prompt(repeated: bool) -> list[BaseMessage]:
@@ -105,38 +106,50 @@ def generate_turn(
     stop = stop_sequences(role, persona)
     labels = own_labels(role, persona)
     recent = [str(line["text"]) for line in history[-RECENT_LINES:]]
-
-    first = llm.reply(prompt(repeated=False), stop=stop, labels=labels)
-    if first.text and not is_near_duplicate(first.text, recent, duplicate_threshold):
-        return first
-    logger.info(
-        "%s reply %s; retrying with hotter sampling",
-        role,
-        "was empty" if not first.text else "repeats an earlier line",
-    )
     config = llm.config
-    retry = llm.reply(
-        prompt(repeated=True),
-        stop=stop,
-        labels=labels,
-        temperature=min(config.temperature + RETRY_TEMPERATURE_STEP, MAX_TEMPERATURE),
-        seed=(config.seed + 7919) % 2**31 if config.seed >= 0 else None,
-        repeat_penalty=max(config.repeat_penalty, RETRY_REPEAT_PENALTY),
-    )
-    if not retry.text and not first.text:
-        raise EmptyReplyError(f"the model wrote nothing for the {role}, twice")
-    chosen = retry if retry.text else first
+
+    tries = [llm.reply(prompt(repeated=False), stop=stop, labels=labels)]
+    while not tries[-1].text or is_near_duplicate(tries[-1].text, recent, duplicate_threshold):
+        if len(tries) > config.retries:
+            break
+        logger.info(
+            "%s reply %s; retrying with hotter sampling (%d of %d)",
+            role,
+            "was empty" if not tries[-1].text else "repeats an earlier line",
+            len(tries),
+            config.retries,
+        )
+        tries.append(
+            llm.reply(
+                prompt(repeated=True),
+                stop=stop,
+                labels=labels,
+                temperature=min(
+                    config.temperature + RETRY_TEMPERATURE_STEP * len(tries), MAX_TEMPERATURE
+                ),
+                seed=(config.seed + 7919 * len(tries)) % 2**31 if config.seed >= 0 else None,
+                repeat_penalty=max(config.repeat_penalty, RETRY_REPEAT_PENALTY),
+            )
+        )
+    written = [t for t in tries if t.text]
+    if not written:
+        raise EmptyReplyError(f"the model wrote nothing for the {role}, {len(tries)} times")
+    chosen = written[-1]
     loop = is_near_duplicate(chosen.text, recent, duplicate_threshold)
-    if loop:
-        logger.warning("%s reply still repeats an earlier line after a retry", role)
+    if loop and len(tries) > 1:
+        logger.warning(
+            "%s reply still repeats an earlier line after %d retries", role, len(tries) - 1
+        )
+    if len(tries) == 1:
+        return chosen
     return Reply(
         text=chosen.text,
-        prompt_tokens=first.prompt_tokens + retry.prompt_tokens,
-        completion_tokens=first.completion_tokens + retry.completion_tokens,
-        latency_ms=first.latency_ms + retry.latency_ms,
+        prompt_tokens=sum(t.prompt_tokens for t in tries),
+        completion_tokens=sum(t.completion_tokens for t in tries),
+        latency_ms=sum(t.latency_ms for t in tries),
         finish_reason=chosen.finish_reason,
         loop=loop,
-        retried=True,
+        attempts=len(tries),
         raw_text=chosen.raw_text,
     )
 

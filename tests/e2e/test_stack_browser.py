@@ -14,7 +14,7 @@ from supportsim.messages import new_id
 from tests.e2e.browser import open_page, require_browser, screenshot, text_content
 
 
-def test_dashboard_shows_a_conversation_the_bots_produced(tmp_path, redis_url):
+def test_dashboard_shows_a_conversation_the_bots_produced(tmp_path, redis_url, sentiment_model):
     require_browser()
     prefix = f"t{new_id()[:8]}-e2e:"
     env = {

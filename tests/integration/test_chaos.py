@@ -17,7 +17,9 @@ from supportsim import chaos
 pytestmark = pytest.mark.slow
 
 
-def test_killing_every_service_loses_doubles_and_stalls_nothing(tmp_path, redis_url, prefix):
+def test_killing_every_service_loses_doubles_and_stalls_nothing(
+    tmp_path, redis_url, prefix, sentiment_model
+):
     config = chaos.RunConfig(
         conversations=4,
         max_turns=6,

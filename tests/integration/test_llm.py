@@ -79,7 +79,7 @@ def test_a_turn_of_either_side_is_a_clean_line(llm, scenario, persona, role):
     assert f"{other_label.capitalize()}:" not in reply.text
     assert f"{other_name}:" not in reply.text
     assert reply.prompt_tokens > 0 and reply.completion_tokens > 0 and reply.latency_ms > 0
-    assert reply.completion_tokens <= MAX_TOKENS * (2 if reply.retried else 1)
+    assert reply.completion_tokens <= MAX_TOKENS * reply.attempts
 
 
 def test_a_history_far_past_the_context_never_overflows(llm, scenario, persona):
@@ -104,8 +104,7 @@ def test_a_history_far_past_the_context_never_overflows(llm, scenario, persona):
     assert reply.prompt_tokens <= N_CTX - MAX_TOKENS
 
     turn = generate_turn(llm, scenario, persona, "customer", history)
-    attempts = 2 if turn.retried else 1
-    assert turn.prompt_tokens <= attempts * (N_CTX - MAX_TOKENS)
+    assert turn.prompt_tokens <= turn.attempts * (N_CTX - MAX_TOKENS)
 
 
 def test_a_forced_repeat_takes_the_retry_path_and_reports_a_loop(llm, scenario, persona):
@@ -116,7 +115,7 @@ def test_a_forced_repeat_takes_the_retry_path_and_reports_a_loop(llm, scenario, 
     ]
     # a threshold of 0 makes every reply count as a repeat, with the real model generating
     reply = generate_turn(llm, scenario, persona, "customer", history, duplicate_threshold=0.0)
-    assert reply.retried
+    assert reply.attempts == 1 + llm.config.retries  # every retry spent
     assert reply.loop
     assert reply.text
     assert reply.completion_tokens > 0

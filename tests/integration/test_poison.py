@@ -16,7 +16,7 @@ from supportsim import chaos
 pytestmark = pytest.mark.slow
 
 
-def test_bad_input_is_dead_lettered_and_hurts_nothing(tmp_path, redis_url, prefix):
+def test_bad_input_is_dead_lettered_and_hurts_nothing(tmp_path, redis_url, prefix, sentiment_model):
     config = chaos.RunConfig(
         conversations=4,
         max_turns=8,

@@ -8,11 +8,11 @@ from __future__ import annotations
 import pytest
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 
-from supportsim.bots.llm import clean_reply
+from supportsim.bots.llm import LLMConfig, Reply, clean_reply
 from supportsim.bots.loops import is_goodbye, is_near_duplicate, normalise, similarity
 from supportsim.bots.memory import ContextBudgetError, bounded_messages, chat_messages
-from supportsim.bots.prompts import Persona
-from supportsim.bots.turns import own_labels, stop_sequences
+from supportsim.bots.prompts import Persona, load_scenario
+from supportsim.bots.turns import EmptyReplyError, generate_turn, own_labels, stop_sequences
 
 SYSTEM = "You are a customer. Keep it short."  # 7 words
 MESSAGE_OVERHEAD = 4
@@ -364,3 +364,57 @@ def test_stop_sequences_cover_the_other_side_only():
     assert not any("Quinn" in s or s.startswith("Agent") for s in agent_stops)
     assert own_labels("customer", persona)[:2] == ["Grace Liu", "Grace"]
     assert {"\n(", "(Reply as", "(Say something"} <= set(customer_stops) & set(agent_stops)
+
+
+class ScriptedLLM:
+    """A stand-in for ChatLLM that answers from a list, recording each call's sampling."""
+
+    def __init__(self, texts: list[str], retries: int = 2) -> None:
+        self.config = LLMConfig(model="smollm2-135m", retries=retries, temperature=0.8)
+        self.max_prompt_tokens = 1500
+        self.texts = list(texts)
+        self.calls: list[float | None] = []
+
+    def count_tokens(self, messages: list[BaseMessage]) -> int:
+        return count_words(messages)
+
+    def reply(self, messages, *, stop=(), labels=(), temperature=None, seed=None, **_):
+        self.calls.append(temperature)
+        return Reply(self.texts.pop(0), prompt_tokens=100, completion_tokens=10, latency_ms=5)
+
+
+ECHO = "I understand that you want a refund for the laptop you bought from us last week."
+
+
+@pytest.mark.parametrize(
+    ("answers", "attempts", "loop"),
+    [
+        (["Could you give me the order number, please?"], 1, False),
+        ([ECHO, "Could you give me the order number, please?"], 2, False),
+        ([ECHO, "", "Could you give me the order number, please?"], 3, False),
+        ([ECHO, ECHO, ECHO], 3, True),
+    ],
+)
+def test_a_repeat_is_retried_hotter_until_a_fresh_line_or_the_retries_run_out(
+    answers, attempts, loop
+):
+    llm = ScriptedLLM(answers)
+    history = [
+        {"role": "agent", "text": "Hello, Sam here. How can I help?"},
+        {"role": "customer", "text": ECHO},
+    ]
+    persona = Persona("Dana Reyes", "angry", "laptop", "Sam")
+    reply = generate_turn(llm, load_scenario(), persona, "agent", history)
+    assert (reply.attempts, reply.loop) == (attempts, loop)
+    assert reply.completion_tokens == 10 * attempts and reply.latency_ms == 5 * attempts
+    # the first attempt uses the configured sampling; each retry is hotter than the one before
+    assert llm.calls[0] is None
+    assert llm.calls[1:] == sorted(set(llm.calls[1:]))
+    assert all(t > 0.8 for t in llm.calls[1:])
+
+
+def test_every_attempt_empty_is_an_error():
+    llm = ScriptedLLM(["", "", ""])
+    persona = Persona("Dana Reyes", "angry", "laptop", "Sam")
+    with pytest.raises(EmptyReplyError, match="3 times"):
+        generate_turn(llm, load_scenario(), persona, "agent", [{"role": "agent", "text": "Hi"}])
