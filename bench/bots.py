@@ -120,6 +120,11 @@ def by_conversation(messages: list[dict]) -> dict[str, list[dict]]:
     return {cid: sorted(ms, key=lambda m: m["turn"]) for cid, ms in grouped.items()}
 
 
+def is_bot_reply(message: dict) -> bool:
+    """True for a line a bot generated (not the starter's template greeting)."""
+    return message["turn"] > 0 and message["model"] != "template"
+
+
 def turn_gaps_ms(messages: list[dict]) -> list[float]:
     """Per reply, the time from the previous message's write to the start of its generation.
 
@@ -128,7 +133,7 @@ def turn_gaps_ms(messages: list[dict]) -> list[float]:
     gaps = []
     for conversation in by_conversation(messages).values():
         for before, m in zip(conversation, conversation[1:], strict=False):
-            if m["model"] != "template" and m["turn"] == before["turn"] + 1:
+            if is_bot_reply(m) and m["turn"] == before["turn"] + 1:
                 gaps.append(m["timestamp_ms"] - m["latency_ms"] - before["timestamp_ms"])
     return gaps
 
@@ -156,10 +161,7 @@ def raw_rate(model: str, messages: list[dict], threads: int = 2) -> float:
     }
     scenario = load_scenario()
     conversations = by_conversation(messages)
-    replies = sorted(
-        (m for m in messages if m["turn"] > 0 and m["model"] != "template"),
-        key=lambda m: m["timestamp_ms"],
-    )
+    replies = sorted(filter(is_bot_reply, messages), key=lambda m: m["timestamp_ms"])
     tokens = 0
     started = time.perf_counter()
     for reply in replies:
@@ -193,7 +195,7 @@ def main() -> None:
     model = args.model or ("smollm2-135m" if args.quick else "qwen2.5-1.5b")
     seconds = args.seconds or (90 if args.quick else 600)
     messages = run_bots(model, seconds, conversations=1, max_turns=10)
-    replies = [m for m in messages if m["turn"] > 0 and m["model"] != "template"]
+    replies = [m for m in messages if is_bot_reply(m)]
     if len(replies) < 2:
         raise SystemExit(f"only {len(replies)} replies in {seconds} s: see the logs")
     # from the start of the first generation (model loading and the group join do not count)

@@ -53,6 +53,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         redis_url=redis_url,
         replicas=_replicas(args.replicas or []),
         extra_env=extra_env,
+        stop_requested=lambda: stopping["signal"] is not None,
     )
     settings = ServiceSettings()
     topics = [settings.chat_topic, settings.scored_topic, settings.dead_letter_topic]
@@ -62,7 +63,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             stack.start()
         except StackError as exc:
             print(f"supportsim up: {exc}", file=sys.stderr)
-            return 1
+            return 0 if stopping["signal"] is not None else 1
         print(
             "running; Ctrl-C stops everything"
             + (f" (for {args.duration} s)" if args.duration else "")

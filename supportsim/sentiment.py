@@ -507,7 +507,7 @@ def _print(message: str) -> None:
 
 
 def main(argv: Iterable[str] | None = None) -> int:
-    """``python -m supportsim.sentiment train|evaluate|score``."""
+    """``python -m supportsim.sentiment train|prepare|evaluate|score``."""
     parser = argparse.ArgumentParser(prog="python -m supportsim.sentiment", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="fine-tune the builtin model and evaluate it")
@@ -515,6 +515,9 @@ def main(argv: Iterable[str] | None = None) -> int:
     train.add_argument("--epochs", type=int, default=TrainingConfig.epochs)
     train.add_argument("--seed", type=int, default=TrainingConfig.seed)
     train.add_argument("--threads", type=int, default=2)
+    commands.add_parser(
+        "prepare", help="train the builtin model unless it is cached (`supportsim up` runs this)"
+    )
     check = commands.add_parser("evaluate", help="accuracy and confusion on the held-out split")
     check.add_argument("--model", default=BUILTIN, help="builtin, a folder or a hub model id")
     check.add_argument("--split", choices=["test", "train"], default="test")
@@ -533,6 +536,10 @@ def main(argv: Iterable[str] | None = None) -> int:
         scorer = Scorer(str(output), threads=args.threads)
         _print(f"model {scorer.name} (held-out split)")
         _print(format_evaluation(evaluate(scorer, load_examples("test"))))
+    elif args.command == "prepare":
+        started = time.monotonic()
+        output = ensure_builtin_model(_print)
+        _print(f"sentiment model ready in {time.monotonic() - started:.0f} s: {output}")
     elif args.command == "evaluate":
         scorer = Scorer(args.model, threads=args.threads, progress=_print)
         _print(f"model {scorer.name} ({args.split} split)")

@@ -51,7 +51,8 @@ def sentiment_model() -> Path:
     """The builtin sentiment model, trained into the cache first if it is not there yet.
 
     A test that starts the whole stack needs it: on a new machine the service would otherwise
-    train it on first use (1-2 minutes on 2 idle cores, 8-10 with the bots generating beside it).
+    train it on first use, beside the generating bots: measured in CI at 145 s per epoch, 5
+    epochs, about 12 minutes, enough to time a test out.
     """
     from supportsim.sentiment import ensure_builtin_model
 

@@ -108,20 +108,24 @@ def generate_turn(
     recent = [str(line["text"]) for line in history[-RECENT_LINES:]]
     config = llm.config
 
+    def repeated(reply: Reply) -> bool:
+        return bool(reply.text) and is_near_duplicate(reply.text, recent, duplicate_threshold)
+
     tries = [llm.reply(prompt(repeated=False), stop=stop, labels=labels)]
-    while not tries[-1].text or is_near_duplicate(tries[-1].text, recent, duplicate_threshold):
-        if len(tries) > config.retries:
-            break
+    retry_prompt: list[BaseMessage] | None = None
+    repeats = repeated(tries[-1])
+    while (repeats or not tries[-1].text) and len(tries) <= config.retries:
         logger.info(
             "%s reply %s; retrying with hotter sampling (%d of %d)",
             role,
-            "was empty" if not tries[-1].text else "repeats an earlier line",
+            "repeats an earlier line" if repeats else "was empty",
             len(tries),
             config.retries,
         )
+        retry_prompt = retry_prompt or prompt(repeated=True)
         tries.append(
             llm.reply(
-                prompt(repeated=True),
+                retry_prompt,
                 stop=stop,
                 labels=labels,
                 temperature=min(
@@ -131,11 +135,13 @@ def generate_turn(
                 repeat_penalty=max(config.repeat_penalty, RETRY_REPEAT_PENALTY),
             )
         )
+        repeats = repeated(tries[-1])
     written = [t for t in tries if t.text]
     if not written:
         raise EmptyReplyError(f"the model wrote nothing for the {role}, {len(tries)} times")
     chosen = written[-1]
-    loop = is_near_duplicate(chosen.text, recent, duplicate_threshold)
+    # every written attempt but the last was retried because it repeated
+    loop = repeats if chosen is tries[-1] else True
     if loop and len(tries) > 1:
         logger.warning(
             "%s reply still repeats an earlier line after %d retries", role, len(tries) - 1
