@@ -78,7 +78,7 @@ def _sentiment_preparation(env: dict[str, str]) -> list[str] | None:
     Trained by the service on first use instead, it would compete with the generating bots for
     the cores (measured: 145 s an epoch, about 12 minutes with nothing scored).
     """
-    model = env.get("SENTIMENT_MODEL", os.environ.get("SENTIMENT_MODEL", "builtin")).strip()
+    model = env.get("SENTIMENT_MODEL", "builtin").strip()
     if model not in ("", "builtin"):
         return None
     return [sys.executable, "-m", "supportsim.sentiment", "prepare"]
@@ -402,7 +402,8 @@ class Stack:
 
         Raises StackError when it fails, or when a stop is requested meanwhile (it is stopped).
         """
-        argv = spec.prepare(env) if spec.prepare else None
+        # the service gets this environment on top of ours (see spawn), so read both
+        argv = spec.prepare({**os.environ, **env}) if spec.prepare else None
         if not argv:
             return
         log_path = self.run_dir / "logs" / f"{spec.name}-prepare.log"
