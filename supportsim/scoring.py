@@ -16,7 +16,7 @@ from confluent_kafka import Message
 from supportsim.batching import BatchLoop, Output
 from supportsim.messages import DeadLetter, ScoredMessage, dead_letter, parse_chat
 from supportsim.service import configure_logging
-from supportsim.settings import ServiceSettings
+from supportsim.settings import BUILTIN_SENTIMENT_MODEL, ServiceSettings
 from supportsim.streaming import make_app
 from supportsim.topics import Topics
 
@@ -27,7 +27,7 @@ class SentimentSettings(ServiceSettings):
     """Settings of sentiment_analysis."""
 
     service_name: str = "sentiment_analysis"
-    sentiment_model: str = "builtin"
+    sentiment_model: str = BUILTIN_SENTIMENT_MODEL
     sentiment_batch_size: int = 32
     sentiment_threads: int = 1
 

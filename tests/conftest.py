@@ -50,9 +50,9 @@ def redis_url(session_dir) -> str:
 def sentiment_model() -> Path:
     """The builtin sentiment model, trained into the cache first if it is not there yet.
 
-    A test that starts the whole stack needs it: on a new machine the service would otherwise
-    train it on first use, beside the generating bots: measured in CI at 145 s per epoch, 5
-    epochs, about 12 minutes, enough to time a test out.
+    Trained once here, outside any test's time limit: on a new machine `supportsim up` (and a
+    scoring service started by a test) would train it first, about a minute on two idle cores,
+    and that minute would count against whichever test came first.
     """
     from supportsim.sentiment import ensure_builtin_model
 

@@ -157,11 +157,18 @@ def opening_message(conversation_id: str, opening: Opening) -> ChatMessage:
     )
 
 
-def is_goodbye_turn(role: Role, text: str) -> bool:
-    """A customer's goodbye ends the conversation (an agent's closing line alone does not)."""
-    from supportsim.bots.loops import is_goodbye
+def is_goodbye_turn(role: Role, text: str, answering: str = "") -> bool:
+    """Whether the customer's `text`, in answer to the agent's `answering`, ends the conversation.
 
-    return role == "customer" and is_goodbye(text)
+    A customer's goodbye ends it, and so does a customer's plain thanks in answer to an agent's
+    closing line ("Is there anything else I can help with?" - "Thank you, I appreciate it.").
+    An agent's closing line alone does not: the customer may still have something to say.
+    """
+    from supportsim.bots.loops import is_closing_line, is_goodbye, is_thanks
+
+    if role != "customer":
+        return False
+    return is_goodbye(text) or (is_thanks(text) and is_closing_line(answering))
 
 
 def handle(
@@ -278,7 +285,7 @@ def _reply(
         text = reply.text[:MAX_TEXT_CHARS]
         if reply.loop:
             final, end_reason = True, "loop"
-        elif is_goodbye_turn(config.role, text):
+        elif is_goodbye_turn(config.role, text, message.text):
             final, end_reason = True, "goodbye"
         elif turn >= config.max_turns - 1:
             final, end_reason = True, "turn_limit"

@@ -273,8 +273,8 @@ def clean_reply(
     while previous != text:  # "Customer: Dana: hi" carries two labels
         previous, text = text, label.sub("", text)
     text = text.replace("**", "")
-    # a last line that is all in parentheses is a copied stage direction, not speech
-    text = re.sub(r"\n[ \t]*\([^()\n]*\)[ \t]*$", "", text.rstrip())
+    # a last line (or a whole reply) all in parentheses is a copied stage direction, not speech
+    text = re.sub(r"(?:^|\n)[ \t]*\([^()\n]*\)[ \t]*$", "", text.strip())
     text = re.sub(r"[ \t]+\n", "\n", text)
     text = re.sub(r"\n{3,}", "\n\n", text).strip()
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'" and text.count(text[0]) == 2:

@@ -44,6 +44,18 @@ _FAREWELL = re.compile(
     )$""",
     re.VERBOSE,
 )
+# an agent's offer to close: "Is there anything else I can help you with?"
+_CLOSING_OFFER = re.compile(
+    r"""\b(?:
+        (?:is\s+there\s+)?anything\s+else
+      | any(?:thing)?\s+(?:other|more|further)\s+(?:questions?|issues?|concerns?|help|problems?)
+      | (?:other|more|further)\s+(?:questions?|concerns?|assistance)
+    )\b""",
+    re.VERBOSE,
+)
+_THANKS = re.compile(r"\b(?:thank|thanks|thankful|appreciate|appreciated|grateful)\b")
+# words that carry on a complaint after the thanks
+_GOING_ON = re.compile(r"\b(?:but|still|however|yet|although|though|unfortunately)\b")
 
 
 def normalise(text: str) -> str:
@@ -122,3 +134,38 @@ def _closes_with_farewell(sentence: str) -> bool:
         # a short form of address or thanks after the farewell: "bye, Sam", "that's all, thanks"
         last = clauses[-2]
     return _FAREWELL.search(last) is not None and _NEGATION.search(last) is None
+
+
+def offers_more_help(text: str) -> bool:
+    """True when one of the last two sentences of `text` offers "anything else" or more help.
+
+    From the agent, this winds the chat up. From the customer, it is the model slipping into the
+    helper's role ("If you have any other questions, let me know."): the reply is retried.
+    """
+    sentences = [normalise(s) for s in _SENTENCE_END.split(text.strip())]
+    sentences = [s for s in sentences if s]
+    return any(_CLOSING_OFFER.search(sentence) for sentence in sentences[-2:])
+
+
+def is_closing_line(text: str) -> bool:
+    """True when an agent's `text` winds the chat up: a farewell, or an offer of "anything else".
+
+    The customer bot is told it may say goodbye after such a line (a small model otherwise echoes
+    the offer back), and its thanks in answer to it ends the chat (:func:`is_thanks`).
+    """
+    return is_goodbye(text) or offers_more_help(text)
+
+
+def is_thanks(text: str) -> bool:
+    """True when `text` only thanks: no question, no "but" or "still", nothing negated.
+
+    "Thank you, I appreciate your help." is thanks; "Thanks, but it still doesn't charge." and
+    "Thanks. When will it arrive?" are not.
+    """
+    words = normalise(text)
+    return (
+        "?" not in text
+        and _THANKS.search(words) is not None
+        and _GOING_ON.search(words) is None
+        and _NEGATION.search(words) is None
+    )

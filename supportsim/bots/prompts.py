@@ -42,6 +42,13 @@ TURN_REMINDERS: dict[Role, str] = {
 }
 # added to the reminder when a reply is generated again because it repeated an earlier line
 REPEAT_WARNING = "(Say something new: do not repeat anything already said in this chat.)"
+# added to the customer's reminder for a retry when it offered help like an agent would
+OFFERED_HELP_WARNING = "(You are the customer, {customer_name}: ask for help, do not offer it.)"
+# added to the customer's reminder after an agent's closing line (a farewell, "anything else?")
+WRAP_UP_CUE = (
+    "(If your problem is solved, thank {agent_name} and say goodbye. If it is not, say what is "
+    "still wrong.)"
+)
 
 
 class ScenarioError(ValueError):
@@ -151,15 +158,34 @@ class Scenario:
             **{k: v for k, v in names.items() if k in prompt.input_variables}
         ).strip()
 
-    def turn_reminder(self, role: Role, persona: Persona, *, repeated: bool = False) -> str:
+    def turn_reminder(
+        self,
+        role: Role,
+        persona: Persona,
+        *,
+        repeated: bool = False,
+        offered_help: bool = False,
+        wrap_up: bool = False,
+    ) -> str:
         """A one-line reminder of who `role` plays, given after the message it answers.
 
-        `repeated` adds a warning against repeating earlier lines (for a retry).
+        For a retry, `repeated` adds a warning against repeating earlier lines and
+        `offered_help` one against the customer offering help. `wrap_up` (the customer's turn
+        after an agent's closing line) lets the customer say goodbye.
         """
-        reminder = TURN_REMINDERS[role].format(
-            customer_name=persona.customer_name, agent_name=persona.agent_name, mood=persona.mood
-        )
-        return f"{reminder}\n{REPEAT_WARNING}" if repeated else reminder
+        names = {
+            "customer_name": persona.customer_name,
+            "agent_name": persona.agent_name,
+            "mood": persona.mood,
+        }
+        lines = [TURN_REMINDERS[role].format(**names)]
+        if wrap_up and role == "customer":
+            lines.append(WRAP_UP_CUE.format(**names))
+        if offered_help and role == "customer":
+            lines.append(OFFERED_HELP_WARNING.format(**names))
+        if repeated:
+            lines.append(REPEAT_WARNING)
+        return "\n".join(lines)
 
     def opening_cue(self, role: Role, persona: Persona) -> str:
         """The instruction given to `role` when it must write a conversation's first message."""

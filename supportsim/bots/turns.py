@@ -13,10 +13,22 @@ from typing import Any, Protocol
 from langchain_core.messages import BaseMessage
 
 from supportsim.bots.llm import ChatLLM, LLMConfig, Reply
-from supportsim.bots.loops import DUPLICATE_THRESHOLD, is_near_duplicate
+from supportsim.bots.loops import (
+    DUPLICATE_THRESHOLD,
+    is_closing_line,
+    is_near_duplicate,
+    offers_more_help,
+)
 from supportsim.bots.memory import bounded_messages
 from supportsim.bots.models import Progress
-from supportsim.bots.prompts import REPEAT_WARNING, TURN_REMINDERS, Persona, Scenario
+from supportsim.bots.prompts import (
+    OFFERED_HELP_WARNING,
+    REPEAT_WARNING,
+    TURN_REMINDERS,
+    WRAP_UP_CUE,
+    Persona,
+    Scenario,
+)
 from supportsim.messages import Role
 
 logger = logging.getLogger(__name__)
@@ -26,6 +38,8 @@ RECENT_LINES = 8
 RETRY_TEMPERATURE_STEP = 0.3
 MAX_TEMPERATURE = 1.5
 RETRY_REPEAT_PENALTY = 1.25
+REPEATS = "repeats an earlier line"
+OFFERS_HELP = "offers help instead of asking for it"
 SPEAKER_LABELS: dict[Role, tuple[str, ...]] = {
     "customer": ("Customer", "CUSTOMER"),
     "agent": ("Agent", "AGENT"),
@@ -57,7 +71,8 @@ def stop_sequences(role: Role, persona: Persona) -> list[str]:
     stops = [f"{label}:" for label in SPEAKER_LABELS[other]]
     stops += [f"{name}:", f"\n{first_name}:", "\nUser:", "\nAssistant:"]
     # the reminders in the prompt are stage directions: a model that starts copying one is done
-    stops += ["\n(", *(_opening_words(text) for text in (*TURN_REMINDERS.values(), REPEAT_WARNING))]
+    cues = (*TURN_REMINDERS.values(), REPEAT_WARNING, OFFERED_HELP_WARNING, WRAP_UP_CUE)
+    stops += ["\n(", *(_opening_words(text) for text in cues)]
     if other == "agent":
         stops.append("Support agent:")
     return list(dict.fromkeys(stops))
@@ -85,14 +100,22 @@ def generate_turn(
     """The next line of `role` in a conversation with `persona`, given its `history` so far.
 
     `history` is the plain conversation history ({"role", "text"} dicts, oldest first). When the
-    first attempt is empty or repeats a recent line, generation is retried (``LLM_RETRIES``
-    times at most, 2 by default) with hotter sampling each time, a new seed and a warning against
-    repeating in the prompt; a last reply that still repeats comes back with ``loop=True`` (the
-    caller ends the conversation). Token counts and latency cover every attempt. Raises
-    :class:`EmptyReplyError` when every attempt is empty.
+    first attempt is empty, repeats a recent line, or (for the customer) offers help instead of
+    asking for it, generation is retried (``LLM_RETRIES`` times at most, 2 by default) with
+    hotter sampling each time, a new seed and a warning in the prompt. The last attempt that does
+    not repeat is kept; when every written attempt repeats, the reply comes back with
+    ``loop=True`` (the caller ends the conversation). After an agent's closing line (a farewell
+    or "anything else?") the customer is told it may thank the agent and say goodbye. Token
+    counts and latency cover every attempt. Raises :class:`EmptyReplyError` when every attempt
+    is empty.
     """
+    wrap_up = (
+        bool(history)
+        and history[-1].get("role") != role
+        and is_closing_line(str(history[-1].get("text", "")))
+    )
 
-    def prompt(repeated: bool) -> list[BaseMessage]:
+    def prompt(repeated: bool = False, offered_help: bool = False) -> list[BaseMessage]:
         return bounded_messages(
             scenario.system_prompt(role, persona),
             history,
@@ -100,7 +123,9 @@ def generate_turn(
             token_counter=llm.count_tokens,
             max_tokens=llm.max_prompt_tokens,
             opening_cue=scenario.opening_cue(role, persona),
-            reminder=scenario.turn_reminder(role, persona, repeated=repeated),
+            reminder=scenario.turn_reminder(
+                role, persona, repeated=repeated, offered_help=offered_help, wrap_up=wrap_up
+            ),
         )
 
     stop = stop_sequences(role, persona)
@@ -108,21 +133,30 @@ def generate_turn(
     recent = [str(line["text"]) for line in history[-RECENT_LINES:]]
     config = llm.config
 
-    def repeated(reply: Reply) -> bool:
-        return bool(reply.text) and is_near_duplicate(reply.text, recent, duplicate_threshold)
+    def problem(reply: Reply) -> str | None:
+        """Why an attempt is generated again, or None when it is fine."""
+        if not reply.text:
+            return "was empty"
+        if is_near_duplicate(reply.text, recent, duplicate_threshold):
+            return REPEATS
+        if role == "customer" and offers_more_help(reply.text):
+            return OFFERS_HELP
+        return None
 
-    tries = [llm.reply(prompt(repeated=False), stop=stop, labels=labels)]
+    tries = [llm.reply(prompt(), stop=stop, labels=labels)]
+    problems = [problem(tries[-1])]
     retry_prompt: list[BaseMessage] | None = None
-    repeats = repeated(tries[-1])
-    while (repeats or not tries[-1].text) and len(tries) <= config.retries:
+    while problems[-1] is not None and len(tries) <= config.retries:
         logger.info(
             "%s reply %s; retrying with hotter sampling (%d of %d)",
             role,
-            "repeats an earlier line" if repeats else "was empty",
+            problems[-1],
             len(tries),
             config.retries,
         )
-        retry_prompt = retry_prompt or prompt(repeated=True)
+        retry_prompt = retry_prompt or prompt(
+            repeated=REPEATS in problems, offered_help=OFFERS_HELP in problems
+        )
         tries.append(
             llm.reply(
                 retry_prompt,
@@ -135,13 +169,13 @@ def generate_turn(
                 repeat_penalty=max(config.repeat_penalty, RETRY_REPEAT_PENALTY),
             )
         )
-        repeats = repeated(tries[-1])
-    written = [t for t in tries if t.text]
+        problems.append(problem(tries[-1]))
+    written = [(t, p) for t, p in zip(tries, problems, strict=True) if t.text]
     if not written:
         raise EmptyReplyError(f"the model wrote nothing for the {role}, {len(tries)} times")
-    chosen = written[-1]
-    # every written attempt but the last was retried because it repeated
-    loop = repeats if chosen is tries[-1] else True
+    fresh = [t for t, p in written if p != REPEATS]
+    loop = not fresh
+    chosen = fresh[-1] if fresh else written[-1][0]
     if loop and len(tries) > 1:
         logger.warning(
             "%s reply still repeats an earlier line after %d retries", role, len(tries) - 1

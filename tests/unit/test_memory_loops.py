@@ -8,8 +8,16 @@ from __future__ import annotations
 import pytest
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 
+from supportsim.bots.conversation import is_goodbye_turn
 from supportsim.bots.llm import LLMConfig, Reply, clean_reply
-from supportsim.bots.loops import is_goodbye, is_near_duplicate, normalise, similarity
+from supportsim.bots.loops import (
+    is_closing_line,
+    is_goodbye,
+    is_near_duplicate,
+    is_thanks,
+    normalise,
+    similarity,
+)
 from supportsim.bots.memory import ContextBudgetError, bounded_messages, chat_messages
 from supportsim.bots.prompts import Persona, load_scenario
 from supportsim.bots.turns import EmptyReplyError, generate_turn, own_labels, stop_sequences
@@ -311,6 +319,66 @@ def test_non_goodbyes_are_not_fooled(text):
     assert not is_goodbye(text)
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Is there anything else I can help you with today?",
+        "Your refund is on its way. If there's anything else I can do, please let me know.",
+        "Do you have any other questions?",
+        "Glad I could help. Any further issues, just reach out.",
+        "The replacement ships tomorrow. Have a great day!",
+    ],
+)
+def test_an_agent_winding_the_chat_up_is_a_closing_line(text):
+    assert is_closing_line(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Could you give me your order number, please?",
+        "Anything else you tried aside from restarting it? Let me check the logs. One moment.",
+        "I'm sorry to hear that. Let me look into it.",
+        "",
+    ],
+)
+def test_a_line_that_goes_on_with_the_chat_is_no_closing_line(text):
+    assert not is_closing_line(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "thanks"),
+    [
+        ("Thank you for your help, I appreciate it.", True),
+        ("Great, thanks Sam!", True),
+        ("I'm grateful for your assistance with my smartwatch.", True),
+        ("Thanks, but it still doesn't charge.", False),
+        ("Thanks. When will the replacement arrive?", False),
+        ("I don't appreciate being kept waiting.", False),
+        ("My order number is 12345.", False),
+    ],
+)
+def test_thanks_alone_is_told_from_thanks_that_goes_on(text, thanks):
+    assert is_thanks(text) is thanks
+
+
+@pytest.mark.parametrize(
+    ("role", "answering", "text", "ends"),
+    [
+        ("customer", "Could you give me the order number?", "Goodbye!", True),
+        ("customer", "Is there anything else I can help you with?", "Thank you, Sam.", True),
+        ("customer", "The refund is on its way. Have a nice day!", "Thanks a lot!", True),
+        ("customer", "Could you give me the order number?", "Thank you, Sam.", False),
+        ("customer", "Anything else I can do?", "Thanks, but my refund is still missing.", False),
+        ("agent", "Thanks, goodbye!", "Goodbye, have a nice day!", False),
+    ],
+)
+def test_a_customers_goodbye_or_thanks_after_a_closing_line_ends_the_chat(
+    role, answering, text, ends
+):
+    assert is_goodbye_turn(role, text, answering) is ends
+
+
 # --- reply cleaning ---------------------------------------------------------------------------
 
 
@@ -325,6 +393,7 @@ def test_non_goodbyes_are_not_fooled(text):
         ('"I want a refund."', "I want a refund."),
         ("Hello<|im_end|>", "Hello"),
         ("I want a refund.\n(Reply as Dana Scully, the angry customer.)", "I want a refund."),
+        ("(If your problem is solved, thank Sam and say goodbye.)", ""),
     ],
 )
 def test_clean_reply_strips_labels_the_model_adds(raw, expected):
@@ -374,12 +443,14 @@ class ScriptedLLM:
         self.max_prompt_tokens = 1500
         self.texts = list(texts)
         self.calls: list[float | None] = []
+        self.prompts: list[list[BaseMessage]] = []
 
     def count_tokens(self, messages: list[BaseMessage]) -> int:
         return count_words(messages)
 
     def reply(self, messages, *, stop=(), labels=(), temperature=None, seed=None, **_):
         self.calls.append(temperature)
+        self.prompts.append(messages)
         return Reply(self.texts.pop(0), prompt_tokens=100, completion_tokens=10, latency_ms=5)
 
 
@@ -411,6 +482,56 @@ def test_a_repeat_is_retried_hotter_until_a_fresh_line_or_the_retries_run_out(
     assert llm.calls[0] is None
     assert llm.calls[1:] == sorted(set(llm.calls[1:]))
     assert all(t > 0.8 for t in llm.calls[1:])
+
+
+@pytest.mark.parametrize(
+    ("agent_line", "wrap_up"),
+    [
+        ("Your refund is on its way. Is there anything else I can help you with?", True),
+        ("Done. Have a great day!", True),
+        ("Could you give me the order number, please?", False),
+    ],
+)
+def test_after_an_agents_closing_line_the_customer_is_told_it_may_say_goodbye(agent_line, wrap_up):
+    llm = ScriptedLLM(["Thanks, Sam. Goodbye!"])
+    history = [
+        {"role": "customer", "text": "My laptop will not start and I want a refund."},
+        {"role": "agent", "text": agent_line},
+    ]
+    persona = Persona("Dana Reyes", "angry", "laptop", "Sam")
+    generate_turn(llm, load_scenario(), persona, "customer", history)
+    reminder = str(llm.prompts[0][-1].content)
+    assert "Dana Reyes" in reminder
+    assert ("thank Sam and say goodbye" in reminder) is wrap_up
+
+
+def test_a_customer_offering_help_is_retried_as_the_customer():
+    offer = "I'm glad it works. If you have any other questions, please let me know."
+    llm = ScriptedLLM([offer, "So when exactly will the replacement ship?"])
+    history = [
+        {"role": "customer", "text": "My laptop will not start and I want a refund."},
+        {"role": "agent", "text": "I have sent you a replacement laptop."},
+    ]
+    persona = Persona("Dana Reyes", "angry", "laptop", "Sam")
+    reply = generate_turn(llm, load_scenario(), persona, "customer", history)
+    assert (reply.text, reply.attempts, reply.loop) == (
+        "So when exactly will the replacement ship?",
+        2,
+        False,
+    )
+    retry_reminder = str(llm.prompts[1][-1].content)
+    assert "You are the customer, Dana Reyes" in retry_reminder
+    assert "do not repeat" not in retry_reminder
+
+
+def test_a_customer_that_keeps_offering_help_keeps_talking_rather_than_looping():
+    offer = "If you have any other questions, please let me know."
+    llm = ScriptedLLM([offer, offer.replace("questions", "concerns"), offer.upper()])
+    history = [{"role": "agent", "text": "Hello, Sam here. How can I help?"}]
+    persona = Persona("Dana Reyes", "angry", "laptop", "Sam")
+    reply = generate_turn(llm, load_scenario(), persona, "customer", history)
+    assert reply.attempts == 3 and not reply.loop
+    assert reply.text == offer.upper()
 
 
 def test_every_attempt_empty_is_an_error():

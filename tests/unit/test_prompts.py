@@ -129,6 +129,15 @@ def test_turn_reminder_names_who_the_bot_plays(scenario):
     assert retry.startswith(customer) and "repeat" in retry
 
 
+def test_wrap_up_reminder_lets_only_the_customer_say_goodbye(scenario):
+    persona = Persona("Grace Liu", "anxious", "e-reader", "Quinn")
+    customer = scenario.turn_reminder("customer", persona, wrap_up=True)
+    assert customer.startswith(scenario.turn_reminder("customer", persona))
+    assert "thank Quinn and say goodbye" in customer
+    agent = scenario.turn_reminder("agent", persona, wrap_up=True)
+    assert agent == scenario.turn_reminder("agent", persona)
+
+
 def test_opening_cue_names_the_other_side(scenario):
     persona = Persona("Grace Liu", "anxious", "e-reader", "Quinn")
     assert "Quinn" in scenario.opening_cue("customer", persona)
