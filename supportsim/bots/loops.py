@@ -25,6 +25,8 @@ MIN_COPIED_WORDS = 8
 # (a short line restated in a reply, "your headphones stopped working", is no echo)
 COPIED_SHARE_OF_EARLIER = 0.8
 ECHOED_MESSAGE_WORDS = 15
+# a reply that shares this many words in a row with the bot's own stage directions copied them
+MIN_COPIED_CUE_RUN = 4
 
 _WORD = re.compile(r"[\w']+")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
@@ -106,6 +108,17 @@ def is_near_duplicate(
         if mostly_copied or echoes_earlier or matcher.ratio() >= threshold:
             return True
     return False
+
+
+def copies_words_of(text: str, source: str, run: int = MIN_COPIED_CUE_RUN) -> bool:
+    """True when `text` contains a run of at least `run` consecutive words of `source`.
+
+    The bots use it to spot a reply that parrots the stage direction it was given ("Thank Sam
+    and say goodbye.").
+    """
+    a, b = normalise(text).split(), normalise(source).split()
+    matcher = difflib.SequenceMatcher(None, a, b, autojunk=False)
+    return any(block.size >= run for block in matcher.get_matching_blocks())
 
 
 def is_goodbye(text: str) -> bool:

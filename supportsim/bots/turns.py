@@ -15,6 +15,7 @@ from langchain_core.messages import BaseMessage
 from supportsim.bots.llm import ChatLLM, LLMConfig, Reply
 from supportsim.bots.loops import (
     DUPLICATE_THRESHOLD,
+    copies_words_of,
     is_closing_line,
     is_near_duplicate,
     offers_more_help,
@@ -40,6 +41,7 @@ MAX_TEMPERATURE = 1.5
 RETRY_REPEAT_PENALTY = 1.25
 REPEATS = "repeats an earlier line"
 OFFERS_HELP = "offers help instead of asking for it"
+COPIES_CUE = "copies its stage direction"
 SPEAKER_LABELS: dict[Role, tuple[str, ...]] = {
     "customer": ("Customer", "CUSTOMER"),
     "agent": ("Agent", "AGENT"),
@@ -100,10 +102,11 @@ def generate_turn(
     """The next line of `role` in a conversation with `persona`, given its `history` so far.
 
     `history` is the plain conversation history ({"role", "text"} dicts, oldest first). When the
-    first attempt is empty, repeats a recent line, or (for the customer) offers help instead of
-    asking for it, generation is retried (``LLM_RETRIES`` times at most, 2 by default) with
-    hotter sampling each time, a new seed and a warning in the prompt. The last attempt that does
-    not repeat is kept; when every written attempt repeats, the reply comes back with
+    first attempt is empty, repeats a recent line, copies words of its stage direction, or (for
+    the customer) offers help instead of asking for it, generation is retried (``LLM_RETRIES``
+    times at most, 2 by default) with hotter sampling each time, a new seed and a warning in the
+    prompt. The last attempt with no such problem is kept, else the last that does not repeat;
+    when every written attempt repeats, the reply comes back with
     ``loop=True`` (the caller ends the conversation). After an agent's closing line (a farewell
     or "anything else?") the customer is told it may thank the agent and say goodbye. Token
     counts and latency cover every attempt. Raises :class:`EmptyReplyError` when every attempt
@@ -114,6 +117,8 @@ def generate_turn(
         and history[-1].get("role") != role
         and is_closing_line(str(history[-1].get("text", "")))
     )
+
+    cue = scenario.turn_reminder(role, persona, wrap_up=wrap_up)
 
     def prompt(repeated: bool = False, offered_help: bool = False) -> list[BaseMessage]:
         return bounded_messages(
@@ -141,6 +146,8 @@ def generate_turn(
             return REPEATS
         if role == "customer" and offers_more_help(reply.text):
             return OFFERS_HELP
+        if copies_words_of(reply.text, cue):
+            return COPIES_CUE
         return None
 
     tries = [llm.reply(prompt(), stop=stop, labels=labels)]
@@ -173,9 +180,11 @@ def generate_turn(
     written = [(t, p) for t, p in zip(tries, problems, strict=True) if t.text]
     if not written:
         raise EmptyReplyError(f"the model wrote nothing for the {role}, {len(tries)} times")
+    # the last attempt without a problem, else the last that does not repeat, else a loop
+    fine = [t for t, p in written if p is None]
     fresh = [t for t, p in written if p != REPEATS]
     loop = not fresh
-    chosen = fresh[-1] if fresh else written[-1][0]
+    chosen = (fine or fresh or [written[-1][0]])[-1]
     if loop and len(tries) > 1:
         logger.warning(
             "%s reply still repeats an earlier line after %d retries", role, len(tries) - 1

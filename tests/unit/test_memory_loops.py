@@ -534,6 +534,31 @@ def test_a_customer_that_keeps_offering_help_keeps_talking_rather_than_looping()
     assert reply.text == offer.upper()
 
 
+def test_a_reply_that_parrots_its_stage_direction_is_retried():
+    llm = ScriptedLLM(["Thank Sam and say goodbye.", "Thanks, Sam. That fixed it, bye!"])
+    history = [
+        {"role": "customer", "text": "My laptop will not start and I want a refund."},
+        {"role": "agent", "text": "Refund sent. Is there anything else I can help you with?"},
+    ]
+    persona = Persona("Dana Reyes", "angry", "laptop", "Sam")
+    reply = generate_turn(llm, load_scenario(), persona, "customer", history)
+    assert (reply.text, reply.attempts) == ("Thanks, Sam. That fixed it, bye!", 2)
+
+
+def test_when_every_retry_has_a_problem_the_last_clean_attempt_is_kept():
+    offer = "If you have any other questions, please let me know."
+    llm = ScriptedLLM(["So where is my refund, Sam?", offer, offer])
+    history = [
+        {"role": "agent", "text": "Hello, Sam here. How can I help?"},
+        {"role": "customer", "text": "So where is my refund, Sam?"},
+        {"role": "agent", "text": "Let me check that for you."},
+    ]
+    persona = Persona("Dana Reyes", "angry", "laptop", "Sam")
+    reply = generate_turn(llm, load_scenario(), persona, "customer", history)
+    # the repeat is never chosen; of the two offers (not repeats) the last is kept, no loop
+    assert (reply.text, reply.attempts, reply.loop) == (offer, 3, False)
+
+
 def test_every_attempt_empty_is_an_error():
     llm = ScriptedLLM(["", "", ""])
     persona = Persona("Dana Reyes", "angry", "laptop", "Sam")
