@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -60,31 +61,40 @@ def run_bots(
         "PYTHONUNBUFFERED": "1",
     }
     procs = []
+    # a SIGTERM (a killed benchmark) unwinds like Ctrl-C, so no bot or broker is left behind
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
-        for name in ["ai_customer", "ai_support_agent"]:
-            procs.append(
-                spawn(
-                    [sys.executable, str(REPO_ROOT / name / "main.py")],
-                    work / f"{name}.log",
-                    {**env, "STATE_DIR": str(work / name)},
+        try:
+            for name in ["ai_customer", "ai_support_agent"]:
+                procs.append(
+                    spawn(
+                        [sys.executable, str(REPO_ROOT / name / "main.py")],
+                        work / f"{name}.log",
+                        {**env, "STATE_DIR": str(work / name)},
+                    )
                 )
+            starter = spawn(
+                [sys.executable, str(REPO_ROOT / "conversation_starter" / "main.py")],
+                work / "starter.log",
+                env,
             )
-        starter = spawn(
-            [sys.executable, str(REPO_ROOT / "conversation_starter" / "main.py")],
-            work / "starter.log",
-            env,
-        )
-        starter.wait(120)
-        print(f"bots running for {seconds:.0f} s with {model} (logs in {work})", flush=True)
-        time.sleep(seconds)
+            starter.wait(120)
+            print(f"bots running for {seconds:.0f} s with {model} (logs in {work})", flush=True)
+            time.sleep(seconds)
+        finally:
+            for p in procs:
+                stop_process(p)
+        messages = read_all(broker.address, "chat")
     finally:
-        for p in procs:
-            stop_process(p)
-    messages = read_all(broker.address, "chat")
-    broker.stop()
+        broker.stop()
+        signal.signal(signal.SIGTERM, previous)
     with (work / "chat.jsonl").open("w", encoding="utf-8") as out:
         out.writelines(json.dumps(m) + "\n" for m in messages)
     return messages
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def read_all(address: str, topic: str) -> list[dict]:

@@ -110,6 +110,32 @@ def is_near_duplicate(
     return False
 
 
+def without_copied_sentences(text: str, earlier_texts: Iterable[str]) -> str:
+    """`text` without the sentences that repeat a sentence of `earlier_texts`.
+
+    A small model often starts its reply by copying the other side's last message and then adds
+    a line of its own ("The screen is blurry. You should restart it. ... Thanks for your help!").
+    Only sentences of at least five words are dropped: "Thank you!" said twice is no echo. The
+    separators between the kept sentences are kept as they were. Returns "" when every sentence
+    was copied.
+    """
+    earlier = [
+        sentence
+        for line in earlier_texts
+        for sentence in _SENTENCE_END.split(line.strip())
+        if len(normalise(sentence).split()) >= MIN_FUZZY_WORDS
+    ]
+    parts = re.split(f"({_SENTENCE_END.pattern})", text.strip())
+    kept = []
+    for sentence, separator in zip(parts[::2], [*parts[1::2], ""], strict=True):
+        copied = len(normalise(sentence).split()) >= MIN_FUZZY_WORDS and is_near_duplicate(
+            sentence, earlier
+        )
+        if not copied:
+            kept.append(sentence + separator)
+    return "".join(kept).strip()
+
+
 def copies_words_of(text: str, source: str, run: int = MIN_COPIED_CUE_RUN) -> bool:
     """True when `text` contains a run of at least `run` consecutive words of `source`.
 

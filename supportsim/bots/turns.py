@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any, Protocol
 
 from langchain_core.messages import BaseMessage
@@ -19,6 +20,7 @@ from supportsim.bots.loops import (
     is_closing_line,
     is_near_duplicate,
     offers_more_help,
+    without_copied_sentences,
 )
 from supportsim.bots.memory import bounded_messages
 from supportsim.bots.models import Progress
@@ -101,16 +103,17 @@ def generate_turn(
 ) -> Reply:
     """The next line of `role` in a conversation with `persona`, given its `history` so far.
 
-    `history` is the plain conversation history ({"role", "text"} dicts, oldest first). When the
-    first attempt is empty, repeats a recent line, copies words of its stage direction, or (for
-    the customer) offers help instead of asking for it, generation is retried (``LLM_RETRIES``
-    times at most, 2 by default) with hotter sampling each time, a new seed and a warning in the
-    prompt. The last attempt with no such problem is kept, else the last that does not repeat;
-    when every written attempt repeats, the reply comes back with
-    ``loop=True`` (the caller ends the conversation). After an agent's closing line (a farewell
-    or "anything else?") the customer is told it may thank the agent and say goodbye. Token
-    counts and latency cover every attempt. Raises :class:`EmptyReplyError` when every attempt
-    is empty.
+    `history` is the plain conversation history ({"role", "text"} dicts, oldest first).
+    Sentences of a reply that copy earlier lines are dropped when the model added something of
+    its own (a small model often echoes the other side first). When an attempt is still empty,
+    repeats a recent line, copies words of its stage direction, or (for the customer) offers
+    help instead of asking for it, generation is retried (``LLM_RETRIES`` times at most, 2 by
+    default) with hotter sampling each time, a new seed and a warning in the prompt. The last
+    attempt with no such problem is kept, else the last that does not repeat; when every written
+    attempt repeats, the reply comes back with ``loop=True`` (the caller ends the conversation).
+    After an agent's closing line (a farewell or "anything else?") the customer is told it may
+    thank the agent and say goodbye. Token counts and latency cover every attempt. Raises
+    :class:`EmptyReplyError` when every attempt is empty.
     """
     wrap_up = (
         bool(history)
@@ -150,7 +153,15 @@ def generate_turn(
             return COPIES_CUE
         return None
 
-    tries = [llm.reply(prompt(), stop=stop, labels=labels)]
+    def attempt(messages: list[BaseMessage], **sampling: Any) -> Reply:
+        reply = llm.reply(messages, stop=stop, labels=labels, **sampling)
+        own = without_copied_sentences(reply.text, recent)
+        if own and own != reply.text:  # keep what the model added to an echo of the other side
+            logger.debug("%s reply: dropped sentences copied from earlier lines", role)
+            return replace(reply, text=own)
+        return reply
+
+    tries = [attempt(prompt())]
     problems = [problem(tries[-1])]
     retry_prompt: list[BaseMessage] | None = None
     while problems[-1] is not None and len(tries) <= config.retries:
@@ -165,10 +176,8 @@ def generate_turn(
             repeated=REPEATS in problems, offered_help=OFFERS_HELP in problems
         )
         tries.append(
-            llm.reply(
+            attempt(
                 retry_prompt,
-                stop=stop,
-                labels=labels,
                 temperature=min(
                     config.temperature + RETRY_TEMPERATURE_STEP * len(tries), MAX_TEMPERATURE
                 ),

@@ -17,6 +17,7 @@ from supportsim.bots.loops import (
     is_thanks,
     normalise,
     similarity,
+    without_copied_sentences,
 )
 from supportsim.bots.memory import ContextBudgetError, bounded_messages, chat_messages
 from supportsim.bots.prompts import Persona, load_scenario
@@ -346,6 +347,31 @@ def test_a_line_that_goes_on_with_the_chat_is_no_closing_line(text):
     assert not is_closing_line(text)
 
 
+AGENT_ADVICE = (
+    "The screen of your tablet has become blurry. You should try restarting your tablet first. "
+    "If this does not resolve the issue, you may need a replacement."
+)
+
+
+@pytest.mark.parametrize(
+    ("reply", "kept"),
+    [
+        # an echo of the other side's sentences, then a line of its own
+        (
+            "The screen of my tablet has become blurry. You should try restarting your tablet "
+            "first.\n\nThank Sam for your help!",
+            "Thank Sam for your help!",
+        ),
+        # short stock phrases said again are no echo
+        ("Thank you. My order number is 123.", "Thank you. My order number is 123."),
+        ("I restarted it twice. It is still blurry!", "I restarted it twice. It is still blurry!"),
+        (AGENT_ADVICE, ""),
+    ],
+)
+def test_sentences_copied_from_earlier_lines_are_dropped(reply, kept):
+    assert without_copied_sentences(reply, [AGENT_ADVICE, "Thank you."]) == kept
+
+
 @pytest.mark.parametrize(
     ("text", "thanks"),
     [
@@ -532,6 +558,21 @@ def test_a_customer_that_keeps_offering_help_keeps_talking_rather_than_looping()
     reply = generate_turn(llm, load_scenario(), persona, "customer", history)
     assert reply.attempts == 3 and not reply.loop
     assert reply.text == offer.upper()
+
+
+def test_an_echo_with_a_line_of_its_own_keeps_only_that_line_without_a_retry():
+    llm = ScriptedLLM([AGENT_ADVICE + " I restarted it twice and it is still blurry, Sam."])
+    history = [
+        {"role": "customer", "text": "My tablet screen is blurry."},
+        {"role": "agent", "text": AGENT_ADVICE},
+    ]
+    persona = Persona("Dana Reyes", "angry", "tablet", "Sam")
+    reply = generate_turn(llm, load_scenario(), persona, "customer", history)
+    assert (reply.text, reply.attempts, reply.loop) == (
+        "I restarted it twice and it is still blurry, Sam.",
+        1,
+        False,
+    )
 
 
 def test_a_reply_that_parrots_its_stage_direction_is_retried():
