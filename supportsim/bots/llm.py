@@ -253,7 +253,8 @@ def clean_reply(
     """A model's raw output made into one line of chat.
 
     Strips speaker labels at the start of lines ("Customer:", "**Sam (agent):**"), leaked
-    end-of-turn tokens, markdown bold, a closing line in parentheses (a copied stage direction),
+    end-of-turn tokens, markdown bold, a closing line in parentheses (a copied stage direction)
+    or an opening parenthesis never closed,
     wrapping quotes and surrounding whitespace, and caps the length at a sentence end where
     possible. Text after a colon elsewhere is kept. `truncated` (generation hit its token limit)
     drops an unfinished last sentence.
@@ -275,6 +276,9 @@ def clean_reply(
     text = text.replace("**", "")
     # a last line (or a whole reply) all in parentheses is a copied stage direction, not speech
     text = re.sub(r"(?:^|\n)[ \t]*\([^()\n]*\)[ \t]*$", "", text.strip())
+    # an opening parenthesis never closed: the model began a stage direction, then spoke
+    if text.startswith("(") and ")" not in text:
+        text = text[1:]
     text = re.sub(r"[ \t]+\n", "\n", text)
     text = re.sub(r"\n{3,}", "\n\n", text).strip()
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'" and text.count(text[0]) == 2:

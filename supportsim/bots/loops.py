@@ -55,6 +55,23 @@ _CLOSING_OFFER = re.compile(
     )\b""",
     re.VERBOSE,
 )
+# what a support agent says and a customer does not: "How can I assist you?", "Thank you for
+# reaching out", "I'm sorry to hear about your laptop"; matched on normalised text
+_AGENT_SPEAK = re.compile(
+    r"""\b(?:
+        how\s+(?:can|may|could)\s+i\s+(?:help|assist)
+      | (?:i'm|i\s+am|we're|we\s+are)\s+(?:here|happy|glad|always\s+here)\s+to\s+(?:help|assist)
+      | (?:i'll|i\s+will|we'll|we\s+will)\s+do\s+(?:my|our)\s+best\s+to\s+(?:help|assist)
+      | thank(?:s|\s+you)\s+for\s+(?:contacting|reaching\s+out|choosing)
+      | sorry\s+to\s+hear\s+(?:that\s+)?(?:about\s+)?your
+      | i\s+understand\s+your\s+frustration
+      | feel\s+free\s+to\s+(?:ask|reach\s+out|contact)
+      | don't\s+hesitate\s+to
+      | so\s+(?:that\s+)?i\s+can\s+(?:help|assist)\s+you
+      | (?:can't|cannot)\s+assist\s+with
+    )\b""",
+    re.VERBOSE,
+)
 _THANKS = re.compile(r"\b(?:thank|thanks|thankful|appreciate|appreciated|grateful)\b")
 # words that carry on a complaint after the thanks
 _GOING_ON = re.compile(r"\b(?:but|still|however|yet|although|though|unfortunately)\b")
@@ -184,6 +201,16 @@ def offers_more_help(text: str) -> bool:
     sentences = [normalise(s) for s in _SENTENCE_END.split(text.strip())]
     sentences = [s for s in sentences if s]
     return any(_CLOSING_OFFER.search(sentence) for sentence in sentences[-2:])
+
+
+def sounds_like_agent(text: str) -> bool:
+    """True when a customer's `text` slips into the helper's role.
+
+    Small models trained as assistants do it all the time: "How can I assist you today?", "Thank
+    you for reaching out", "I'm sorry to hear about your laptop", "feel free to ask", or an offer
+    of "anything else" (:func:`offers_more_help`). The customer bot retries such a reply.
+    """
+    return offers_more_help(text) or _AGENT_SPEAK.search(normalise(text)) is not None
 
 
 def is_closing_line(text: str) -> bool:

@@ -44,6 +44,12 @@ TURN_REMINDERS: dict[Role, str] = {
 REPEAT_WARNING = "(Say something new: do not repeat anything already said in this chat.)"
 # added to the customer's reminder for a retry when it offered help like an agent would
 OFFERED_HELP_WARNING = "(You are the customer, {customer_name}: ask for help, do not offer it.)"
+# added to the customer's reminder for its first message, so it opens with its problem (the 1.5B
+# model otherwise greets back like an agent, or says goodbye at once); worded so that a customer's
+# own words rarely share four in a row with it (a reply that does is retried as a copied cue)
+FIRST_MESSAGE_CUE = (
+    "(Your first message: describe the defect of your {product} and the outcome you want.)"
+)
 # added to the customer's reminder after an agent's closing line (a farewell, "anything else?")
 WRAP_UP_CUE = (
     "(If your problem is solved, thank {agent_name} and say goodbye. If it is not, say what is "
@@ -166,19 +172,24 @@ class Scenario:
         repeated: bool = False,
         offered_help: bool = False,
         wrap_up: bool = False,
+        first: bool = False,
     ) -> str:
         """A one-line reminder of who `role` plays, given after the message it answers.
 
         For a retry, `repeated` adds a warning against repeating earlier lines and
         `offered_help` one against the customer offering help. `wrap_up` (the customer's turn
-        after an agent's closing line) lets the customer say goodbye.
+        after an agent's closing line) lets the customer say goodbye; `first` (the customer's
+        first message) tells it to open with its problem.
         """
         names = {
             "customer_name": persona.customer_name,
             "agent_name": persona.agent_name,
             "mood": persona.mood,
+            "product": persona.product,
         }
         lines = [TURN_REMINDERS[role].format(**names)]
+        if first and role == "customer":
+            lines.append(FIRST_MESSAGE_CUE.format(**names))
         if wrap_up and role == "customer":
             lines.append(WRAP_UP_CUE.format(**names))
         if offered_help and role == "customer":

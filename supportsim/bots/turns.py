@@ -18,13 +18,15 @@ from supportsim.bots.loops import (
     DUPLICATE_THRESHOLD,
     copies_words_of,
     is_closing_line,
+    is_goodbye,
     is_near_duplicate,
-    offers_more_help,
+    sounds_like_agent,
     without_copied_sentences,
 )
 from supportsim.bots.memory import bounded_messages
 from supportsim.bots.models import Progress
 from supportsim.bots.prompts import (
+    FIRST_MESSAGE_CUE,
     OFFERED_HELP_WARNING,
     REPEAT_WARNING,
     TURN_REMINDERS,
@@ -42,8 +44,18 @@ RETRY_TEMPERATURE_STEP = 0.3
 MAX_TEMPERATURE = 1.5
 RETRY_REPEAT_PENALTY = 1.25
 REPEATS = "repeats an earlier line"
-OFFERS_HELP = "offers help instead of asking for it"
+OFFERS_HELP = "speaks like the agent instead of asking for help"
 COPIES_CUE = "copies its stage direction"
+EARLY_GOODBYE = "says goodbye before saying what is wrong"
+# which attempt is kept when every one has a problem: the lowest rank (a customer in the agent's
+# voice still moves the chat on; a copied stage direction is nonsense; a repeat is a loop)
+PROBLEM_RANK: dict[str | None, int] = {
+    None: 0,
+    OFFERS_HELP: 1,
+    EARLY_GOODBYE: 1,
+    COPIES_CUE: 2,
+    REPEATS: 3,
+}
 SPEAKER_LABELS: dict[Role, tuple[str, ...]] = {
     "customer": ("Customer", "CUSTOMER"),
     "agent": ("Agent", "AGENT"),
@@ -75,7 +87,13 @@ def stop_sequences(role: Role, persona: Persona) -> list[str]:
     stops = [f"{label}:" for label in SPEAKER_LABELS[other]]
     stops += [f"{name}:", f"\n{first_name}:", "\nUser:", "\nAssistant:"]
     # the reminders in the prompt are stage directions: a model that starts copying one is done
-    cues = (*TURN_REMINDERS.values(), REPEAT_WARNING, OFFERED_HELP_WARNING, WRAP_UP_CUE)
+    cues = (
+        *TURN_REMINDERS.values(),
+        REPEAT_WARNING,
+        OFFERED_HELP_WARNING,
+        WRAP_UP_CUE,
+        FIRST_MESSAGE_CUE,
+    )
     stops += ["\n(", *(_opening_words(text) for text in cues)]
     if other == "agent":
         stops.append("Support agent:")
@@ -106,22 +124,25 @@ def generate_turn(
     `history` is the plain conversation history ({"role", "text"} dicts, oldest first).
     Sentences of a reply that copy earlier lines are dropped when the model added something of
     its own (a small model often echoes the other side first). When an attempt is still empty,
-    repeats a recent line, copies words of its stage direction, or (for the customer) offers
-    help instead of asking for it, generation is retried (``LLM_RETRIES`` times at most, 2 by
-    default) with hotter sampling each time, a new seed and a warning in the prompt. The last
-    attempt with no such problem is kept, else the last that does not repeat; when every written
-    attempt repeats, the reply comes back with ``loop=True`` (the caller ends the conversation).
-    After an agent's closing line (a farewell or "anything else?") the customer is told it may
-    thank the agent and say goodbye. Token counts and latency cover every attempt. Raises
-    :class:`EmptyReplyError` when every attempt is empty.
+    repeats a recent line, copies words of its stage direction, or (for the customer) speaks
+    like the agent or says goodbye in its first message, generation is retried
+    (``LLM_RETRIES`` times at most, 2 by default) with hotter sampling each time, a new seed
+    and a warning in the prompt. The last attempt with no such problem is kept, else the last
+    with the mildest problem (:data:`PROBLEM_RANK`); when every written attempt repeats, the
+    reply comes back with ``loop=True`` (the caller ends the conversation). The customer is
+    told to open with the defect of its product in its first message, and after an agent's
+    closing line (a farewell or "anything else?") that it may thank the agent and say goodbye.
+    Token counts and latency cover every attempt. Raises :class:`EmptyReplyError` when every
+    attempt is empty.
     """
     wrap_up = (
         bool(history)
         and history[-1].get("role") != role
         and is_closing_line(str(history[-1].get("text", "")))
     )
-
-    cue = scenario.turn_reminder(role, persona, wrap_up=wrap_up)
+    # the customer has not spoken yet: its first message must say what is wrong
+    first = role == "customer" and not any(line.get("role") == role for line in history)
+    cue = scenario.turn_reminder(role, persona, wrap_up=wrap_up, first=first)
 
     def prompt(repeated: bool = False, offered_help: bool = False) -> list[BaseMessage]:
         return bounded_messages(
@@ -132,7 +153,12 @@ def generate_turn(
             max_tokens=llm.max_prompt_tokens,
             opening_cue=scenario.opening_cue(role, persona),
             reminder=scenario.turn_reminder(
-                role, persona, repeated=repeated, offered_help=offered_help, wrap_up=wrap_up
+                role,
+                persona,
+                repeated=repeated,
+                offered_help=offered_help,
+                wrap_up=wrap_up,
+                first=first,
             ),
         )
 
@@ -147,8 +173,10 @@ def generate_turn(
             return "was empty"
         if is_near_duplicate(reply.text, recent, duplicate_threshold):
             return REPEATS
-        if role == "customer" and offers_more_help(reply.text):
+        if role == "customer" and sounds_like_agent(reply.text):
             return OFFERS_HELP
+        if first and is_goodbye(reply.text):
+            return EARLY_GOODBYE
         if copies_words_of(reply.text, cue):
             return COPIES_CUE
         return None
@@ -189,11 +217,10 @@ def generate_turn(
     written = [(t, p) for t, p in zip(tries, problems, strict=True) if t.text]
     if not written:
         raise EmptyReplyError(f"the model wrote nothing for the {role}, {len(tries)} times")
-    # the last attempt without a problem, else the last that does not repeat, else a loop
-    fine = [t for t, p in written if p is None]
-    fresh = [t for t, p in written if p != REPEATS]
-    loop = not fresh
-    chosen = (fine or fresh or [written[-1][0]])[-1]
+    # the last attempt with the mildest problem (none at best); only repeats left is a loop
+    mildest = min(PROBLEM_RANK[p] for _, p in written)
+    chosen = [t for t, p in written if PROBLEM_RANK[p] == mildest][-1]
+    loop = mildest == PROBLEM_RANK[REPEATS]
     if loop and len(tries) > 1:
         logger.warning(
             "%s reply still repeats an earlier line after %d retries", role, len(tries) - 1

@@ -17,6 +17,7 @@ from supportsim.bots.loops import (
     is_thanks,
     normalise,
     similarity,
+    sounds_like_agent,
     without_copied_sentences,
 )
 from supportsim.bots.memory import ContextBudgetError, bounded_messages, chat_messages
@@ -373,6 +374,39 @@ def test_sentences_copied_from_earlier_lines_are_dropped(reply, kept):
 
 
 @pytest.mark.parametrize(
+    "text",
+    [
+        # lines the 1.5B model wrote as the customer, in bench/quality.py runs
+        "Thank you for reaching out to us, Liam! We are sorry to hear about your printer.",
+        "Hi Hugo, thank you for reaching out to me. How can I assist you further today?",
+        "I'm sorry to hear about your issue. I'll do my best to help you.",
+        "Sure, go ahead and tell me what you need help with. I'm here to assist you.",
+        "You're welcome! If you have any other questions, feel free to ask.",
+        "I understand your frustration.",
+        "Could you please provide me with more details so that I can help you better?",
+        "I'm sorry, but I can't assist with that.",
+    ],
+)
+def test_a_customer_line_in_the_agents_voice_is_spotted(text):
+    assert sounds_like_agent(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "My laptop will not boot and I want a refund now.",
+        "Can you help me or not?",
+        "How can I get a refund?",
+        "Thanks for nothing. I'm sorry I ever bought this printer.",
+        "I can send you the receipt so you can check the order.",
+        "Thank you, Sam. Goodbye!",
+    ],
+)
+def test_a_customer_asking_for_help_is_not_taken_for_the_agent(text):
+    assert not sounds_like_agent(text)
+
+
+@pytest.mark.parametrize(
     ("text", "thanks"),
     [
         ("Thank you for your help, I appreciate it.", True),
@@ -420,6 +454,9 @@ def test_a_customers_goodbye_or_thanks_after_a_closing_line_ends_the_chat(
         ("Hello<|im_end|>", "Hello"),
         ("I want a refund.\n(Reply as Dana Scully, the angry customer.)", "I want a refund."),
         ("(If your problem is solved, thank Sam and say goodbye.)", ""),
+        # a stage direction begun and never closed (seen with the 1.5B model)
+        ("(Thank you for the help! Goodbye Quinn.", "Thank you for the help! Goodbye Quinn."),
+        ("(Still broken) and I want a refund.", "(Still broken) and I want a refund."),
     ],
 )
 def test_clean_reply_strips_labels_the_model_adds(raw, expected):
@@ -458,7 +495,9 @@ def test_stop_sequences_cover_the_other_side_only():
     assert {"Customer:", "CUSTOMER:", "Grace Liu:", "\nGrace:"} <= set(agent_stops)
     assert not any("Quinn" in s or s.startswith("Agent") for s in agent_stops)
     assert own_labels("customer", persona)[:2] == ["Grace Liu", "Grace"]
-    assert {"\n(", "(Reply as", "(Say something"} <= set(customer_stops) & set(agent_stops)
+    assert {"\n(", "(Reply as", "(Say something", "(Your first"} <= set(customer_stops) & set(
+        agent_stops
+    )
 
 
 class ScriptedLLM:
@@ -531,6 +570,60 @@ def test_after_an_agents_closing_line_the_customer_is_told_it_may_say_goodbye(ag
     assert ("thank Sam and say goodbye" in reminder) is wrap_up
 
 
+@pytest.mark.parametrize(
+    ("history", "first"),
+    [
+        ([{"role": "agent", "text": "Hello, Sam here. How can I help?"}], True),
+        ([], True),
+        (
+            [
+                {"role": "agent", "text": "Hello, Sam here. How can I help?"},
+                {"role": "customer", "text": "My laptop will not start."},
+                {"role": "agent", "text": "Could you give me the order number, please?"},
+            ],
+            False,
+        ),
+    ],
+)
+def test_the_customers_first_message_is_told_to_open_with_its_defect(history, first):
+    llm = ScriptedLLM(["My laptop will not start and I want a refund."])
+    persona = Persona("Dana Reyes", "angry", "laptop", "Sam")
+    generate_turn(llm, load_scenario(), persona, "customer", history)
+    reminder = str(llm.prompts[0][-1].content)
+    assert ("describe the defect of your laptop" in reminder) is first
+    # the agent is never given the customer's cue
+    agent = ScriptedLLM(["Could you give me the order number, please?"])
+    opening = [{"role": "customer", "text": "My laptop will not start."}]
+    generate_turn(agent, load_scenario(), persona, "agent", opening)
+    agent_reminder = str(agent.prompts[0][-1].content)
+    assert "Reply as Sam" in agent_reminder and "defect" not in agent_reminder
+
+
+def test_a_goodbye_as_the_customers_first_message_is_retried():
+    llm = ScriptedLLM(["Goodbye, Sam.", "My laptop will not start. I want a refund."])
+    history = [{"role": "agent", "text": "Hello, Sam here. How can I help?"}]
+    persona = Persona("Dana Reyes", "angry", "laptop", "Sam")
+    reply = generate_turn(llm, load_scenario(), persona, "customer", history)
+    assert (reply.text, reply.attempts) == ("My laptop will not start. I want a refund.", 2)
+    # later in the chat a goodbye is kept at once
+    later = ScriptedLLM(["Fine. Goodbye, Sam."])
+    history += [
+        {"role": "customer", "text": "My laptop will not start."},
+        {"role": "agent", "text": "Please restart it."},
+    ]
+    assert generate_turn(later, load_scenario(), persona, "customer", history).attempts == 1
+
+
+def test_a_customer_speaking_like_the_agent_is_retried():
+    agent_voice = "Thank you for reaching out! How can I assist you today?"
+    llm = ScriptedLLM([agent_voice, "My laptop is dead and I want my money back."])
+    history = [{"role": "agent", "text": "Hello, Sam here. What seems to be the problem?"}]
+    persona = Persona("Dana Reyes", "angry", "laptop", "Sam")
+    reply = generate_turn(llm, load_scenario(), persona, "customer", history)
+    assert (reply.text, reply.attempts) == ("My laptop is dead and I want my money back.", 2)
+    assert "ask for help, do not offer it" in str(llm.prompts[1][-1].content)
+
+
 def test_a_customer_offering_help_is_retried_as_the_customer():
     offer = "I'm glad it works. If you have any other questions, please let me know."
     llm = ScriptedLLM([offer, "So when exactly will the replacement ship?"])
@@ -598,6 +691,25 @@ def test_when_every_retry_has_a_problem_the_last_clean_attempt_is_kept():
     reply = generate_turn(llm, load_scenario(), persona, "customer", history)
     # the repeat is never chosen; of the two offers (not repeats) the last is kept, no loop
     assert (reply.text, reply.attempts, reply.loop) == (offer, 3, False)
+
+
+def test_a_copied_stage_direction_is_kept_only_when_nothing_better_was_written():
+    parrot = "If your problem is solved, thank Sam and say goodbye."
+    agent_voice = "You're welcome! Feel free to ask me anything."
+    history = [
+        {"role": "customer", "text": "My laptop will not start and I want a refund."},
+        {"role": "agent", "text": "Refund sent. Is there anything else I can help you with?"},
+    ]
+    persona = Persona("Dana Reyes", "angry", "laptop", "Sam")
+    # an attempt in the agent's voice beats a parroted cue, even an earlier one
+    llm = ScriptedLLM([agent_voice, parrot, parrot])
+    reply = generate_turn(llm, load_scenario(), persona, "customer", history)
+    assert (reply.text, reply.attempts, reply.loop) == (agent_voice, 3, False)
+    # a parroted cue beats a repeat, and is no loop
+    echo = "Is there anything else I can help you with?"
+    llm = ScriptedLLM([echo, parrot, echo])
+    reply = generate_turn(llm, load_scenario(), persona, "customer", history)
+    assert (reply.text, reply.loop) == (parrot, False)
 
 
 def test_every_attempt_empty_is_an_error():
