@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import re
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 DUPLICATE_THRESHOLD = 0.85
 # texts are compared word by word (characters would cost seconds on long messages)
@@ -142,14 +142,34 @@ def without_copied_sentences(text: str, earlier_texts: Iterable[str]) -> str:
         for sentence in _SENTENCE_END.split(line.strip())
         if len(normalise(sentence).split()) >= MIN_FUZZY_WORDS
     ]
+    return _without_sentences(
+        text,
+        lambda sentence: (
+            len(normalise(sentence).split()) >= MIN_FUZZY_WORDS
+            and is_near_duplicate(sentence, earlier)
+        ),
+    )
+
+
+def without_cue_sentences(text: str, cue: str) -> str:
+    """`text` without the sentences that copy words of the stage direction `cue`.
+
+    The 1.5B model sometimes ends a sensible reply with a line of its prompt ("... Do not repeat
+    anything already said in this chat."). A sentence that shares a run of
+    :data:`MIN_COPIED_CUE_RUN` words with `cue` is dropped (:func:`copies_words_of`). Returns ""
+    when every sentence copies the cue.
+    """
+    return _without_sentences(text, lambda sentence: copies_words_of(sentence, cue))
+
+
+def _without_sentences(text: str, dropped: Callable[[str], bool]) -> str:
+    """`text` without its sentences for which `dropped` is true, separators kept as they were."""
     parts = re.split(f"({_SENTENCE_END.pattern})", text.strip())
-    kept = []
-    for sentence, separator in zip(parts[::2], [*parts[1::2], ""], strict=True):
-        copied = len(normalise(sentence).split()) >= MIN_FUZZY_WORDS and is_near_duplicate(
-            sentence, earlier
-        )
-        if not copied:
-            kept.append(sentence + separator)
+    kept = [
+        sentence + separator
+        for sentence, separator in zip(parts[::2], [*parts[1::2], ""], strict=True)
+        if not dropped(sentence)
+    ]
     return "".join(kept).strip()
 
 

@@ -52,7 +52,7 @@ FIRST_MESSAGE_CUE = (
 )
 # added to the customer's reminder after an agent's closing line (a farewell, "anything else?")
 WRAP_UP_CUE = (
-    "(If your problem is solved, thank {agent_name} and say goodbye. If it is not, say what is "
+    "(If your problem is solved, thank {agent_name} and say goodbye. Otherwise, say what is "
     "still wrong.)"
 )
 

@@ -22,6 +22,7 @@ from supportsim.bots.loops import (
     is_near_duplicate,
     sounds_like_agent,
     without_copied_sentences,
+    without_cue_sentences,
 )
 from supportsim.bots.memory import bounded_messages
 from supportsim.bots.models import Progress
@@ -142,24 +143,26 @@ def generate_turn(
     )
     # the customer has not spoken yet: its first message must say what is wrong
     first = role == "customer" and not any(line.get("role") == role for line in history)
-    cue = scenario.turn_reminder(role, persona, wrap_up=wrap_up, first=first)
 
-    def prompt(repeated: bool = False, offered_help: bool = False) -> list[BaseMessage]:
+    def reminder(repeated: bool = False, offered_help: bool = False) -> str:
+        return scenario.turn_reminder(
+            role,
+            persona,
+            repeated=repeated,
+            offered_help=offered_help,
+            wrap_up=wrap_up,
+            first=first,
+        )
+
+    def prompt(cue: str, lines: Sequence[Mapping[str, Any]] = history) -> list[BaseMessage]:
         return bounded_messages(
             scenario.system_prompt(role, persona),
-            history,
+            lines,
             role,
             token_counter=llm.count_tokens,
             max_tokens=llm.max_prompt_tokens,
             opening_cue=scenario.opening_cue(role, persona),
-            reminder=scenario.turn_reminder(
-                role,
-                persona,
-                repeated=repeated,
-                offered_help=offered_help,
-                wrap_up=wrap_up,
-                first=first,
-            ),
+            reminder=cue,
         )
 
     stop = stop_sequences(role, persona)
@@ -167,7 +170,7 @@ def generate_turn(
     recent = [str(line["text"]) for line in history[-RECENT_LINES:]]
     config = llm.config
 
-    def problem(reply: Reply) -> str | None:
+    def problem(reply: Reply, cue: str) -> str | None:
         """Why an attempt is generated again, or None when it is fine."""
         if not reply.text:
             return "was empty"
@@ -181,17 +184,21 @@ def generate_turn(
             return COPIES_CUE
         return None
 
-    def attempt(messages: list[BaseMessage], **sampling: Any) -> Reply:
+    def attempt(messages: list[BaseMessage], cue: str, **sampling: Any) -> Reply:
         reply = llm.reply(messages, stop=stop, labels=labels, **sampling)
-        own = without_copied_sentences(reply.text, recent)
-        if own and own != reply.text:  # keep what the model added to an echo of the other side
-            logger.debug("%s reply: dropped sentences copied from earlier lines", role)
-            return replace(reply, text=own)
+        # keep what the model added to an echo of earlier lines or of its stage direction; a
+        # reply that is nothing but an echo stays whole, for `problem` to see
+        text = without_copied_sentences(reply.text, recent) or reply.text
+        text = without_cue_sentences(text, cue) or text
+        if text != reply.text:
+            logger.debug("%s reply: dropped sentences copied from earlier lines or its cue", role)
+            return replace(reply, text=text)
         return reply
 
-    tries = [attempt(prompt())]
-    problems = [problem(tries[-1])]
-    retry_prompt: list[BaseMessage] | None = None
+    cue = reminder()
+    tries = [attempt(prompt(cue), cue)]
+    problems = [problem(tries[-1], cue)]
+    retry: tuple[str, list[BaseMessage]] | None = None
     while problems[-1] is not None and len(tries) <= config.retries:
         logger.info(
             "%s reply %s; retrying with hotter sampling (%d of %d)",
@@ -200,12 +207,17 @@ def generate_turn(
             len(tries),
             config.retries,
         )
-        retry_prompt = retry_prompt or prompt(
-            repeated=REPEATS in problems, offered_help=OFFERS_HELP in problems
-        )
+        if retry is None:  # built once: it tokenises the whole history
+            retry_cue = reminder(repeated=REPEATS in problems, offered_help=OFFERS_HELP in problems)
+            retry = retry_cue, prompt(retry_cue)
+        retry_cue, retry_prompt = retry
+        if len(tries) == config.retries and REPEATS in problems and len(history) > 1:
+            # the last resort against a loop: only the message being answered is left to copy
+            retry_prompt = prompt(retry_cue, history[-1:])
         tries.append(
             attempt(
                 retry_prompt,
+                retry_cue,
                 temperature=min(
                     config.temperature + RETRY_TEMPERATURE_STEP * len(tries), MAX_TEMPERATURE
                 ),
@@ -213,7 +225,7 @@ def generate_turn(
                 repeat_penalty=max(config.repeat_penalty, RETRY_REPEAT_PENALTY),
             )
         )
-        problems.append(problem(tries[-1]))
+        problems.append(problem(tries[-1], retry_cue))
     written = [(t, p) for t, p in zip(tries, problems, strict=True) if t.text]
     if not written:
         raise EmptyReplyError(f"the model wrote nothing for the {role}, {len(tries)} times")

@@ -19,6 +19,7 @@ from supportsim.bots.loops import (
     similarity,
     sounds_like_agent,
     without_copied_sentences,
+    without_cue_sentences,
 )
 from supportsim.bots.memory import ContextBudgetError, bounded_messages, chat_messages
 from supportsim.bots.prompts import Persona, load_scenario
@@ -710,6 +711,47 @@ def test_a_copied_stage_direction_is_kept_only_when_nothing_better_was_written()
     llm = ScriptedLLM([echo, parrot, echo])
     reply = generate_turn(llm, load_scenario(), persona, "customer", history)
     assert (reply.text, reply.loop) == (parrot, False)
+
+
+def test_sentences_that_copy_the_stage_direction_are_dropped():
+    cue = "(Reply as Sam, the support agent.)\n(Say something new: do not repeat anything said.)"
+    reply = "I can offer a repair under warranty. Do not repeat anything said in this chat."
+    assert without_cue_sentences(reply, cue) == "I can offer a repair under warranty."
+    assert without_cue_sentences("Do not repeat anything said.", cue) == ""
+    assert without_cue_sentences("Please send your order number.", cue) == (
+        "Please send your order number."
+    )
+
+
+def test_a_retry_that_ends_with_its_warning_is_kept_without_it():
+    llm = ScriptedLLM(
+        [ECHO, "Could you give me the order number? Do not repeat anything already said here."]
+    )
+    history = [
+        {"role": "agent", "text": "Hello, Sam here. How can I help?"},
+        {"role": "customer", "text": ECHO},
+    ]
+    persona = Persona("Dana Reyes", "angry", "laptop", "Sam")
+    reply = generate_turn(llm, load_scenario(), persona, "agent", history)
+    assert (reply.text, reply.attempts) == ("Could you give me the order number?", 2)
+
+
+def test_the_last_retry_against_a_loop_sees_only_the_message_it_answers():
+    fresh = "Could you give me the order number, please?"
+    llm = ScriptedLLM([ECHO, ECHO, fresh])
+    history = [
+        {"role": "agent", "text": "Hello, Sam here. How can I help?"},
+        {"role": "customer", "text": "My laptop will not start."},
+        {"role": "agent", "text": ECHO},
+        {"role": "customer", "text": "Yes, and I want it today."},
+    ]
+    persona = Persona("Dana Reyes", "angry", "laptop", "Sam")
+    reply = generate_turn(llm, load_scenario(), persona, "agent", history)
+    assert (reply.text, reply.attempts, reply.loop) == (fresh, 3, False)
+    first, retry, last = llm.prompts
+    assert len(first) == len(retry) == 7  # system, opening cue, four lines, reminder
+    assert [str(m.content) for m in last[1:-1]] == ["Yes, and I want it today."]
+    assert "do not repeat" in str(last[-1].content)
 
 
 def test_every_attempt_empty_is_an_error():
