@@ -45,10 +45,12 @@ REPEAT_WARNING = "(Say something new: do not repeat anything already said in thi
 # added to the customer's reminder for a retry when it offered help like an agent would
 OFFERED_HELP_WARNING = "(You are the customer, {customer_name}: ask for help, do not offer it.)"
 # added to the customer's reminder for its first message, so it opens with its problem (the 1.5B
-# model otherwise greets back like an agent, or says goodbye at once); worded so that a customer's
-# own words rarely share four in a row with it (a reply that does is retried as a copied cue)
+# model otherwise greets back like an agent, or says goodbye at once); worded for any scenario, and
+# so that a customer's own words rarely share four in a row with it (such words count as a copied
+# cue)
 FIRST_MESSAGE_CUE = (
-    "(Your first message: describe the defect of your {product} and the outcome you want.)"
+    "(Your first message: tell {agent_name} your problem with the {product} and the outcome you "
+    "want.)"
 )
 # added to the customer's reminder after an agent's closing line (a farewell, "anything else?")
 WRAP_UP_CUE = (

@@ -131,7 +131,7 @@ def generate_turn(
     and a warning in the prompt. The last attempt with no such problem is kept, else the last
     with the mildest problem (:data:`PROBLEM_RANK`); when every written attempt repeats, the
     reply comes back with ``loop=True`` (the caller ends the conversation). The customer is
-    told to open with the defect of its product in its first message, and after an agent's
+    told to open with its problem with the product in its first message, and after an agent's
     closing line (a farewell or "anything else?") that it may thank the agent and say goodbye.
     Token counts and latency cover every attempt. Raises :class:`EmptyReplyError` when every
     attempt is empty.

@@ -586,12 +586,12 @@ def test_after_an_agents_closing_line_the_customer_is_told_it_may_say_goodbye(ag
         ),
     ],
 )
-def test_the_customers_first_message_is_told_to_open_with_its_defect(history, first):
+def test_the_customers_first_message_is_told_to_open_with_its_problem(history, first):
     llm = ScriptedLLM(["My laptop will not start and I want a refund."])
     persona = Persona("Dana Reyes", "angry", "laptop", "Sam")
     generate_turn(llm, load_scenario(), persona, "customer", history)
     reminder = str(llm.prompts[0][-1].content)
-    assert ("describe the defect of your laptop" in reminder) is first
+    assert ("tell Sam your problem with the laptop" in reminder) is first
     # the agent is never given the customer's cue
     agent = ScriptedLLM(["Could you give me the order number, please?"])
     opening = [{"role": "customer", "text": "My laptop will not start."}]
