@@ -44,13 +44,13 @@ TURN_REMINDERS: dict[Role, str] = {
 REPEAT_WARNING = "(Say something new: do not repeat anything already said in this chat.)"
 # added to the customer's reminder for a retry when it offered help like an agent would
 OFFERED_HELP_WARNING = "(You are the customer, {customer_name}: ask for help, do not offer it.)"
-# added to the customer's reminder for its first message, so it opens with its problem (the 1.5B
-# model otherwise greets back like an agent, or says goodbye at once); worded for any scenario, and
-# so that a customer's own words rarely share four in a row with it (such words count as a copied
-# cue)
-FIRST_MESSAGE_CUE = (
-    "(Your first message: tell {agent_name} your problem with the {product} and the outcome you "
-    "want.)"
+# the customer's reminder for its first message, so it opens with its problem (the 1.5B model
+# otherwise greets back like an agent, or says goodbye at once). One line in the same form as the
+# usual reminder: as a second line of its own ("(Your first message: ...)") the model copied it into
+# 3 of 14 first replies (two wordings), in this form into none of 8 (measured 2026-12-04)
+FIRST_MESSAGE_REMINDER = (
+    "(Reply as {customer_name}, the {mood} customer who needs help, in one to three sentences: "
+    "say what is wrong with your {product} and what you want.)"
 )
 # added to the customer's reminder after an agent's closing line (a farewell, "anything else?")
 WRAP_UP_CUE = (
@@ -189,9 +189,8 @@ class Scenario:
             "mood": persona.mood,
             "product": persona.product,
         }
-        lines = [TURN_REMINDERS[role].format(**names)]
-        if first and role == "customer":
-            lines.append(FIRST_MESSAGE_CUE.format(**names))
+        first = first and role == "customer"
+        lines = [(FIRST_MESSAGE_REMINDER if first else TURN_REMINDERS[role]).format(**names)]
         if wrap_up and role == "customer":
             lines.append(WRAP_UP_CUE.format(**names))
         if offered_help and role == "customer":

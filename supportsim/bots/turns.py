@@ -27,7 +27,6 @@ from supportsim.bots.loops import (
 from supportsim.bots.memory import bounded_messages
 from supportsim.bots.models import Progress
 from supportsim.bots.prompts import (
-    FIRST_MESSAGE_CUE,
     OFFERED_HELP_WARNING,
     REPEAT_WARNING,
     TURN_REMINDERS,
@@ -93,7 +92,6 @@ def stop_sequences(role: Role, persona: Persona) -> list[str]:
         REPEAT_WARNING,
         OFFERED_HELP_WARNING,
         WRAP_UP_CUE,
-        FIRST_MESSAGE_CUE,
     )
     stops += ["\n(", *(_opening_words(text) for text in cues)]
     if other == "agent":

@@ -496,9 +496,7 @@ def test_stop_sequences_cover_the_other_side_only():
     assert {"Customer:", "CUSTOMER:", "Grace Liu:", "\nGrace:"} <= set(agent_stops)
     assert not any("Quinn" in s or s.startswith("Agent") for s in agent_stops)
     assert own_labels("customer", persona)[:2] == ["Grace Liu", "Grace"]
-    assert {"\n(", "(Reply as", "(Say something", "(Your first"} <= set(customer_stops) & set(
-        agent_stops
-    )
+    assert {"\n(", "(Reply as", "(Say something"} <= set(customer_stops) & set(agent_stops)
 
 
 class ScriptedLLM:
@@ -591,7 +589,8 @@ def test_the_customers_first_message_is_told_to_open_with_its_problem(history, f
     persona = Persona("Dana Reyes", "angry", "laptop", "Sam")
     generate_turn(llm, load_scenario(), persona, "customer", history)
     reminder = str(llm.prompts[0][-1].content)
-    assert ("tell Sam your problem with the laptop" in reminder) is first
+    assert reminder.startswith("(Reply as Dana Reyes, the angry customer")
+    assert ("say what is wrong with your laptop" in reminder) is first
     # the agent is never given the customer's cue
     agent = ScriptedLLM(["Could you give me the order number, please?"])
     opening = [{"role": "customer", "text": "My laptop will not start."}]
