@@ -69,6 +69,7 @@ _AGENT_SPEAK = re.compile(
       | don't\s+hesitate\s+to
       | so\s+(?:that\s+)?i\s+can\s+(?:help|assist)\s+you
       | (?:can't|cannot)\s+assist\s+with
+      | as\s+an\s+ai
     )\b""",
     re.VERBOSE,
 )

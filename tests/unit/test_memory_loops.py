@@ -386,6 +386,7 @@ def test_sentences_copied_from_earlier_lines_are_dropped(reply, kept):
         "I understand your frustration.",
         "Could you please provide me with more details so that I can help you better?",
         "I'm sorry, but I can't assist with that.",
+        "I'm sorry, but as an AI language model, I am not able to view your situation.",
     ],
 )
 def test_a_customer_line_in_the_agents_voice_is_spotted(text):
