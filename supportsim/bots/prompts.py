@@ -49,8 +49,8 @@ OFFERED_HELP_WARNING = "(You are the customer, {customer_name}: ask for help, do
 # usual reminder: as a second line of its own ("(Your first message: ...)") the model copied it into
 # 3 of 14 first replies (two wordings), in this form into none of 8 (measured 2026-12-04)
 FIRST_MESSAGE_REMINDER = (
-    "(Reply as {customer_name}, the {mood} customer who needs help, in one to three sentences: "
-    "say what is wrong with your {product} and what you want.)"
+    TURN_REMINDERS["customer"].removesuffix(".)")
+    + ": say what is wrong with your {product} and what you want.)"
 )
 # added to the customer's reminder after an agent's closing line (a farewell, "anything else?")
 WRAP_UP_CUE = (

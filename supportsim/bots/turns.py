@@ -87,12 +87,7 @@ def stop_sequences(role: Role, persona: Persona) -> list[str]:
     stops = [f"{label}:" for label in SPEAKER_LABELS[other]]
     stops += [f"{name}:", f"\n{first_name}:", "\nUser:", "\nAssistant:"]
     # the reminders in the prompt are stage directions: a model that starts copying one is done
-    cues = (
-        *TURN_REMINDERS.values(),
-        REPEAT_WARNING,
-        OFFERED_HELP_WARNING,
-        WRAP_UP_CUE,
-    )
+    cues = (*TURN_REMINDERS.values(), REPEAT_WARNING, OFFERED_HELP_WARNING, WRAP_UP_CUE)
     stops += ["\n(", *(_opening_words(text) for text in cues)]
     if other == "agent":
         stops.append("Support agent:")
@@ -196,7 +191,7 @@ def generate_turn(
     cue = reminder()
     tries = [attempt(prompt(cue), cue)]
     problems = [problem(tries[-1], cue)]
-    retry: tuple[str, list[BaseMessage]] | None = None
+    retry_cue, retry_prompt = cue, None
     while problems[-1] is not None and len(tries) <= config.retries:
         logger.info(
             "%s reply %s; retrying with hotter sampling (%d of %d)",
@@ -205,16 +200,16 @@ def generate_turn(
             len(tries),
             config.retries,
         )
-        if retry is None:  # built once: it tokenises the whole history
+        if retry_prompt is None:  # built once: it tokenises the whole history
             retry_cue = reminder(repeated=REPEATS in problems, offered_help=OFFERS_HELP in problems)
-            retry = retry_cue, prompt(retry_cue)
-        retry_cue, retry_prompt = retry
+            retry_prompt = prompt(retry_cue)
+        messages = retry_prompt
         if len(tries) == config.retries and REPEATS in problems and len(history) > 1:
             # the last resort against a loop: only the message being answered is left to copy
-            retry_prompt = prompt(retry_cue, history[-1:])
+            messages = prompt(retry_cue, history[-1:])
         tries.append(
             attempt(
-                retry_prompt,
+                messages,
                 retry_cue,
                 temperature=min(
                     config.temperature + RETRY_TEMPERATURE_STEP * len(tries), MAX_TEMPERATURE
