@@ -37,7 +37,7 @@ from supportsim.dashboard_data import (  # noqa: E402
     sentiment_trend,
     transcript,
 )
-from supportsim.stack import redacted  # noqa: E402
+from supportsim.service import redacted  # noqa: E402
 
 AVATARS = {"customer": ":material/person:", "agent": ":material/support_agent:"}
 # "user" and "assistant" get Streamlit's distinct preset styling; avatars tell them apart too

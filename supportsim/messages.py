@@ -68,6 +68,8 @@ class ChatMessage(_Contract):
     model: ShortText
     prompt_tokens: int = Field(ge=0)
     completion_tokens: int = Field(ge=0)
+    # prompt tokens the model read this turn; the rest of prompt_tokens was reused (None: unknown)
+    evaluated_prompt_tokens: int | None = Field(default=None, ge=0)
     latency_ms: int = Field(ge=0)
     final: bool = False
     end_reason: ShortText | None = None

@@ -15,3 +15,14 @@ def configure_logging(level: str = "INFO", service: str = "supportsim") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+def redacted(url: str) -> str:
+    """A URL with any password replaced, fit for a log line."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import redis
 
+from supportsim.service import redacted
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOCAL_SESSION_TIMEOUT_MS = 6000  # a first group join takes about half of it on Tansu
 # Tansu gives read_committed readers nothing from a partition while any transaction is open on
@@ -480,17 +482,6 @@ class Stack:
             replica.stop()
         self.redis.stop()
         self.broker.stop()
-
-
-def redacted(url: str) -> str:
-    """A URL with any password replaced, fit for a log line."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
 
 
 def topic_counts(broker_address: str, topics: list[str]) -> dict[str, int]:

@@ -45,6 +45,7 @@ class Reply:
     completion_tokens: int = 0
     latency_ms: int = 0
     loop: bool = False
+    evaluated_prompt_tokens: int | None = None
 
 
 class Responder(Protocol):
@@ -306,6 +307,7 @@ def _reply(
         model=responder.model_name,
         prompt_tokens=reply.prompt_tokens,
         completion_tokens=reply.completion_tokens,
+        evaluated_prompt_tokens=reply.evaluated_prompt_tokens,
         latency_ms=reply.latency_ms,
         final=final,
         end_reason=end_reason,

@@ -20,11 +20,11 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from supportsim.bots.models import DEFAULT_MODEL, ModelFile, Progress, resolve_model
@@ -33,6 +33,7 @@ from supportsim.messages import MAX_TEXT_CHARS
 logger = logging.getLogger(__name__)
 
 PromptFormat = Literal["auto", "chat_template", "llama2"]
+Backend = Literal["llamacpp", "openai"]
 
 # end-of-turn markers of common chat templates: a model that writes one has finished its turn
 TEMPLATE_END_TOKENS = (
@@ -60,6 +61,18 @@ class LLMConfig(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="LLM_", extra="ignore", frozen=True)
 
+    # llamacpp: a GGUF loaded in this process; openai: an OpenAI-compatible chat-completions server
+    backend: Backend = "llamacpp"
+    # the server's API root (openai backend), e.g. http://gpu-host:8000/v1
+    base_url: str = ""
+    api_key: SecretStr | None = None
+    # turns in flight per bot replica: worker processes (each llamacpp worker loads the model)
+    concurrency: int = Field(default=1, ge=1, le=64)
+    # RAM for saved llama.cpp states, one per conversation, least recently used evicted; 0: off
+    prompt_cache_mb: int = Field(default=256, ge=0)
+    # openai backend: attempts after a failed request (with backoff), and each request's time limit
+    request_retries: int = Field(default=4, ge=0, le=10)
+    request_timeout_s: float = Field(default=120.0, gt=0)
     model: str = DEFAULT_MODEL
     prompt_format: PromptFormat = "auto"
     n_ctx: int = Field(default=2048, ge=256)
@@ -82,6 +95,10 @@ class LLMConfig(BaseSettings):
         return self.n_ctx - self.max_tokens - self.context_margin
 
 
+class FatalSetupError(RuntimeError):
+    """A setting that makes every turn fail (e.g. a refused API key): the bot says so and exits."""
+
+
 @dataclass(frozen=True)
 class Reply:
     """One generated line: cleaned text plus what it cost."""
@@ -94,11 +111,39 @@ class Reply:
     loop: bool = False
     attempts: int = 1
     raw_text: str = field(default="", repr=False)
+    # prompt tokens the model actually read (the rest came from a saved state or server cache)
+    evaluated_prompt_tokens: int | None = None
 
     @property
     def retried(self) -> bool:
         """True when the first attempt was empty or a repeat and the model was asked again."""
         return self.attempts > 1
+
+
+class ChatModel(Protocol):
+    """What a bot turn needs of a chat model, on either backend."""
+
+    config: LLMConfig
+
+    @property
+    def model_name(self) -> str: ...
+
+    @property
+    def max_prompt_tokens(self) -> int: ...
+
+    def count_tokens(self, messages: Sequence[BaseMessage]) -> int: ...
+
+    def reply(
+        self,
+        messages: Sequence[BaseMessage],
+        *,
+        stop: Sequence[str] = (),
+        labels: Sequence[str] = (),
+        temperature: float | None = None,
+        seed: int | None = None,
+        repeat_penalty: float | None = None,
+        conversation: str = "",
+    ) -> Reply: ...
 
 
 class ChatLLM:
@@ -122,6 +167,11 @@ class ChatLLM:
         self.config = config
         self.prompt_format = prompt_format
         self._formatter = _template_formatter(client) if prompt_format == "chat_template" else None
+        from supportsim.bots.states import attach_state_cache, count_evaluated_tokens
+
+        self.states = attach_state_cache(client, config.prompt_cache_mb)
+        self._evaluated: list[int] = []
+        count_evaluated_tokens(client, self._evaluated)
 
     @classmethod
     def load(cls, config: LLMConfig | None = None, *, progress: Progress | None = None) -> ChatLLM:
@@ -190,12 +240,14 @@ class ChatLLM:
         temperature: float | None = None,
         seed: int | None = None,
         repeat_penalty: float | None = None,
+        conversation: str = "",
     ) -> Reply:
         """Generate the next line after `messages` (which must fit :attr:`max_prompt_tokens`).
 
         `stop` ends generation where the model starts writing the other side; `labels` are the
         speaker's own names, stripped when the model puts one in front of its line. Sampling
-        overrides apply to this call only.
+        overrides apply to this call only. `conversation` names whose saved llama.cpp state the
+        prompt continues (see :mod:`supportsim.bots.states`), so only its new tokens are read.
         """
         if seed is None and self.config.seed < 0:
             seed = self._seeds.randrange(2**31)
@@ -212,9 +264,14 @@ class ChatLLM:
         if self.prompt_format == "llama2":
             messages = _llama2_messages(messages)
         with self._lock:
+            if self.states is not None:
+                self.states.conversation = conversation
+            self._evaluated.clear()
             started = time.perf_counter()
             message = self._chat.invoke(list(messages), stop=stops, **overrides)
             latency_ms = round((time.perf_counter() - started) * 1000)
+            # llama.cpp reads the prompt's unseen suffix in its first eval of a generation
+            evaluated = self._evaluated[0] if self._evaluated else None
         raw = str(message.content)
         metadata = message.response_metadata or {}
         usage = metadata.get("token_usage") or {}
@@ -235,6 +292,7 @@ class ChatLLM:
             latency_ms=latency_ms,
             finish_reason=metadata.get("finish_reason"),
             raw_text=raw,
+            evaluated_prompt_tokens=evaluated,
         )
 
     def _token_count(self, text: str, *, add_bos: bool) -> int:

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 from typing import Literal
 
 from supportsim.bots.conversation import (
@@ -14,6 +20,7 @@ from supportsim.bots.conversation import (
     opening_message,
     slot_id,
 )
+from supportsim.bots.llm import FatalSetupError
 from supportsim.messages import ChatMessage, Role, to_json
 from supportsim.service import configure_logging
 from supportsim.settings import ServiceSettings
@@ -43,7 +50,20 @@ def build_responder(settings: BotSettings, opening: Opening) -> Responder:
         return ScriptedResponder(settings.scripted_think_time_s, settings.scripted_goodbye_after)
     from supportsim.bots.turns import LLMResponder
 
-    return LLMResponder.from_env(opening, progress=logger.info)
+    return LLMResponder.from_env(opening, progress=_log_assembly())
+
+
+def _log_assembly():
+    """A progress callback that logs a model file's assembly at every tenth of the way."""
+    shown = [-1]
+
+    def progress(done: int, total: int) -> None:
+        tenth = done * 10 // total if total else 10
+        if tenth != shown[0]:
+            shown[0] = tenth
+            logger.info("assembling the model: %d%% of %.0f MB", tenth * 10, total / 1e6)
+
+    return progress
 
 
 def load_opening(settings: BotSettings):
@@ -54,13 +74,26 @@ def load_opening(settings: BotSettings):
 
 
 def run_bot(role: Role) -> None:
-    """Run one bot replica until SIGTERM: read `chat`, answer the other side, write `chat`."""
+    """Run one bot replica until SIGTERM: read `chat`, answer the other side, write `chat`.
+
+    With ``LLM_CONCURRENCY`` above 1 the replica runs that many worker processes, each its own
+    consumer of the group (so each turn is still answered once, exactly once), and keeps as many
+    turns in flight, e.g. against a batching model server.
+    """
     service = "ai_customer" if role == "customer" else "ai_support_agent"
     settings = BotSettings(service_name=service)
     configure_logging(settings.log_level, service)
-    app, topics = make_app(settings, group=service.replace("_", "-"))
+    group = service.replace("_", "-")
+    workers = _concurrency(settings)
+    if workers > 1:
+        raise SystemExit(supervise_workers(role, settings, group, workers))
+    app, topics = make_app(settings, group=group)
     opening = load_opening(settings)
-    responder = build_responder(settings, opening)
+    try:
+        responder = build_responder(settings, opening)
+    except FatalSetupError as exc:
+        logger.error("%s", exc)
+        raise SystemExit(2) from None
     config = BotConfig(role=role, max_turns=settings.max_turns, service=service)
     logger.info("%s bot ready: model=%s scenario=%s", role, responder.model_name, settings.scenario)
 
@@ -95,3 +128,54 @@ def seed_conversations(settings: BotSettings | None = None) -> list[str]:
             )
     logger.info("seeded %s conversation(s) on %s", len(ids), topics.chat.name)
     return ids
+
+
+def _concurrency(settings: BotSettings) -> int:
+    if settings.bot_mode != "llm":
+        return 1
+    from supportsim.bots.llm import LLMConfig
+
+    return LLMConfig().concurrency
+
+
+def supervise_workers(role: Role, settings: BotSettings, group: str, workers: int) -> int:
+    """Run `workers` bot processes of this replica until SIGTERM; return the exit status.
+
+    Each worker has its own transactional id and state folder. When one dies the others are
+    stopped and its status returned, so the orchestrator restarts the whole replica.
+    """
+    base_id = settings.transactional_id_for(group)
+    command = [
+        sys.executable,
+        "-c",
+        f"from supportsim.bots.runner import run_bot; run_bot({role!r})",
+    ]
+    procs = []
+    for index in range(workers):
+        env = {
+            **os.environ,
+            "LLM_CONCURRENCY": "1",
+            "TRANSACTIONAL_ID": f"{base_id}-w{index}",
+            "STATE_DIR": str(Path(settings.state_dir) / f"worker-{index}"),
+        }
+        procs.append(subprocess.Popen(command, env=env))
+    logger.info("%s replica running %d workers (%s-w0..%d)", role, workers, base_id, workers - 1)
+    stopping = []
+
+    def stop(signum: int, frame: object) -> None:
+        stopping.append(signum)
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    status = 0
+    while any(proc.poll() is None for proc in procs):
+        dead = [proc for proc in procs if proc.poll() not in (None, 0)]
+        if dead and not stopping:
+            status = dead[0].returncode
+            logger.error("a %s worker exited with status %s; stopping the replica", role, status)
+            stop(signal.SIGTERM, None)
+        time.sleep(0.5)
+    return status

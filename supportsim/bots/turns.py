@@ -7,13 +7,13 @@ wraps it for the engine's responder interface.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Protocol
 
 from langchain_core.messages import BaseMessage
 
-from supportsim.bots.llm import ChatLLM, LLMConfig, Reply
+from supportsim.bots.llm import ChatLLM, ChatModel, LLMConfig, Reply
 from supportsim.bots.loops import (
     DUPLICATE_THRESHOLD,
     copies_words_of,
@@ -69,6 +69,7 @@ class EmptyReplyError(RuntimeError):
 class ConversationView(Protocol):
     """What a responder reads from a conversation's state."""
 
+    conversation_id: str
     customer: dict
     agent: dict
     history: list[dict]
@@ -105,13 +106,14 @@ def own_labels(role: Role, persona: Persona) -> list[str]:
 
 
 def generate_turn(
-    llm: ChatLLM,
+    llm: ChatModel,
     scenario: Scenario,
     persona: Persona,
     role: Role,
     history: Sequence[Mapping[str, Any]],
     *,
     duplicate_threshold: float = DUPLICATE_THRESHOLD,
+    conversation: str = "",
 ) -> Reply:
     """The next line of `role` in a conversation with `persona`, given its `history` so far.
 
@@ -126,7 +128,8 @@ def generate_turn(
     reply comes back with ``loop=True`` (the caller ends the conversation). The customer is
     told to open with its problem with the product in its first message, and after an agent's
     closing line (a farewell or "anything else?") that it may thank the agent and say goodbye.
-    Token counts and latency cover every attempt. Raises :class:`EmptyReplyError` when every
+    Token counts and latency cover every attempt. `conversation` (its id) lets the model
+    continue that conversation's saved prompt state. Raises :class:`EmptyReplyError` when every
     attempt is empty.
     """
     wrap_up = (
@@ -178,7 +181,7 @@ def generate_turn(
         return None
 
     def attempt(messages: list[BaseMessage], cue: str, **sampling: Any) -> Reply:
-        reply = llm.reply(messages, stop=stop, labels=labels, **sampling)
+        reply = llm.reply(messages, stop=stop, labels=labels, conversation=conversation, **sampling)
         # keep what the model added to an echo of earlier lines or of its stage direction; a
         # reply that is nothing but an echo stays whole, for `problem` to see
         text = without_copied_sentences(reply.text, recent) or reply.text
@@ -241,7 +244,14 @@ def generate_turn(
         loop=loop,
         attempts=len(tries),
         raw_text=chosen.raw_text,
+        evaluated_prompt_tokens=_total(t.evaluated_prompt_tokens for t in tries),
     )
+
+
+def _total(counts: Iterable[int | None]) -> int | None:
+    """The sum of `counts`, or None when any is unknown."""
+    values = list(counts)
+    return None if None in values else sum(v for v in values if v is not None)
 
 
 class LLMResponder:
@@ -251,17 +261,30 @@ class LLMResponder:
     where the state carries the `customer` and `agent` persona dicts and the `history`.
     """
 
-    def __init__(self, llm: ChatLLM, scenario: Scenario) -> None:
+    def __init__(self, llm: ChatModel, scenario: Scenario) -> None:
         self.llm = llm
         self.scenario = scenario
         self.model_name = llm.model_name
 
     @classmethod
     def from_env(cls, scenario: Scenario, *, progress: Progress | None = None) -> LLMResponder:
-        """Load the model configured by the ``LLM_*`` variables (once per process)."""
-        return cls(ChatLLM.load(LLMConfig(), progress=progress), scenario)
+        """The model of the ``LLM_*`` variables, loaded here or on a server (once per process)."""
+        config = LLMConfig()
+        if config.backend == "openai":
+            from supportsim.bots.server import ServerChatLLM
+
+            return cls(ServerChatLLM.connect(config), scenario)
+        return cls(ChatLLM.load(config, progress=progress), scenario)
 
     def respond(self, role: Role, conversation: ConversationView) -> Reply:
         """The reply of `role` to the conversation so far."""
         persona = Persona.from_contract(conversation.customer, conversation.agent)
-        return generate_turn(self.llm, self.scenario, persona, role, conversation.history)
+        return generate_turn(
+            self.llm,
+            self.scenario,
+            persona,
+            role,
+            conversation.history,
+            # one saved state per side: each side's prompt is its own view of the conversation
+            conversation=f"{conversation.conversation_id}/{role}",
+        )
