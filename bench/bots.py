@@ -1,15 +1,20 @@
-"""Benchmark: LLM tokens per second of the bots through Kafka, against raw llama-cpp-python.
+"""Benchmark: messages per minute of `supportsim up`'s bots against the limit of this hardware.
 
-One conversation at a time, one customer and one agent process (so generation is strictly
-sequential, as raw generation is), talk through a Tansu broker for a fixed time. Our rate is the
-completion tokens of every reply divided by the wall time from the greeting to the last reply:
-it pays for Kafka hops, state, prompt building and memory trimming. The baseline, in the same
-run, replays the same conversations through llama-cpp-python's own chat API: one `Llama` per
-side, each reply generated in the bots' order from the same system prompt and conversation so far,
-with the same sampling and as many tokens (see `raw_rate`).
+Ours: the stack `supportsim up` runs (embedded broker, every service, its default bot replicas
+and llama.cpp threads) for a fixed time after the first reply; every bot reply on `chat` counts,
+over the time from the first generation to the last reply. It runs twice in the same benchmark:
+with prompt reuse (the default) and with it switched off (``LLM_PROMPT_CACHE_MB=0``).
 
-Usage: .venv/bin/python bench/bots.py [--quick] [--model qwen2.5-1.5b|smollm2-135m] [--seconds N]
-Last line: RESULT bots ratio=<ours/raw> target=0.9 ours_tok_s=... raw_tok_s=... msgs_per_min=...
+The limit, in the same run: llama-cpp-python alone in one process, using every core, replays the
+conversations of the reuse run in the bots' order: the same prompts (the bots' own prompt
+builder), sampling and completion token counts, each side of each conversation in its own
+`Llama` context so every turn evaluates only its new tokens. No Kafka, no state, no other
+service competing for the cores.
+
+Usage: .venv/bin/python bench/bots.py [--quick] [--model M] [--seconds N] [--sweep]
+`--sweep` measures 1+1 and 2+2 bot replicas with 1 and 2 llama threads (one line each).
+Last line: RESULT bots ratio=<ours/limit msgs per min> target=0.8 reuse_speedup=...
+evaluated_prompt_share=... msgs_per_min=... conversations_per_hour=... limit_msgs_per_min=...
 """
 
 from __future__ import annotations
@@ -22,213 +27,258 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from confluent_kafka import Consumer
+import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from supportsim.chaos import read_records  # noqa: E402
 from supportsim.messages import new_id  # noqa: E402
-from supportsim.stack import (  # noqa: E402
-    REPO_ROOT,
-    LocalBroker,
-    spawn,
-    stop_process,
-)
+from supportsim.settings import RedisSettings  # noqa: E402
+from supportsim.stack import DEFAULT_BOT_THREADS, Stack, topic_counts  # noqa: E402
+
+START_TIMEOUT_S = 1800  # model assembly and the sentiment model's first training included
 
 
-def run_bots(
-    model: str, seconds: float, conversations: int, max_turns: int, threads: int = 2
-) -> list[dict]:
-    """Run the real bots through a broker for `seconds`; return every chat message.
+@dataclass
+class Run:
+    """What one stack run produced."""
 
-    `threads` is llama.cpp's per bot: with one conversation the bots take turns and each may use
-    both cores; with several, both generate at once and must share them (as `supportsim up`
-    does with 1 each: llama.cpp threads that outnumber the cores spin and slow everything down).
-    """
-    work = Path(tempfile.mkdtemp(prefix="bench-bots-"))
-    broker = LocalBroker(work / "broker.log")
-    broker.start()
-    env = {
-        **broker.client_env,
-        "CHAT_TOPIC": "chat",
-        "BOT_MODE": "llm",
-        "LLM_MODEL": model,
-        "LLM_N_THREADS": str(threads),
-        "MAX_TURNS": str(max_turns),
-        "CONVERSATIONS": str(conversations),
-        "SEED_NAMESPACE": new_id(),
-        "PYTHONUNBUFFERED": "1",
-    }
-    procs = []
-    # a SIGTERM (a killed benchmark) unwinds like Ctrl-C, so no bot or broker is left behind
-    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    try:
-        try:
-            for name in ["ai_customer", "ai_support_agent"]:
-                procs.append(
-                    spawn(
-                        [sys.executable, str(REPO_ROOT / name / "main.py")],
-                        work / f"{name}.log",
-                        {**env, "STATE_DIR": str(work / name)},
-                    )
-                )
-            starter = spawn(
-                [sys.executable, str(REPO_ROOT / "conversation_starter" / "main.py")],
-                work / "starter.log",
-                env,
-            )
-            starter.wait(120)
-            print(f"bots running for {seconds:.0f} s with {model} (logs in {work})", flush=True)
-            time.sleep(seconds)
-        finally:
-            for p in procs:
-                stop_process(p)
-        messages = read_all(broker.address, "chat")
-    finally:
-        broker.stop()
-        signal.signal(signal.SIGTERM, previous)
-    with (work / "chat.jsonl").open("w", encoding="utf-8") as out:
-        out.writelines(json.dumps(m) + "\n" for m in messages)
-    return messages
+    label: str
+    messages: list[dict]
+    fleet: dict
 
+    @property
+    def replies(self) -> list[dict]:
+        return [m for m in self.messages if is_bot_reply(m)]
 
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
+    @property
+    def minutes(self) -> float:
+        replies = self.replies
+        first = min(m["timestamp_ms"] - m["latency_ms"] for m in replies)
+        return (max(m["timestamp_ms"] for m in replies) - first) / 60000
 
+    @property
+    def per_minute(self) -> float:
+        return len(self.replies) / self.minutes
 
-def read_all(address: str, topic: str) -> list[dict]:
-    """Every message of a topic, deduplicated on message_id, in arrival order."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": address,
-            "group.id": new_id(),
-            "auto.offset.reset": "earliest",
-            "session.timeout.ms": 6000,
-        }
-    )
-    consumer.subscribe([topic])
-    out, seen, idle_since = [], set(), time.monotonic()
-    while time.monotonic() - idle_since < 8:
-        msg = consumer.poll(0.5)
-        if msg is None or msg.error():
-            continue
-        idle_since = time.monotonic()
-        value = json.loads(msg.value())
-        if value["message_id"] not in seen:
-            seen.add(value["message_id"])
-            out.append(value)
-    consumer.close()
-    return out
+    @property
+    def conversations_per_hour(self) -> float:
+        return sum(1 for m in self.messages if m["final"]) / (self.minutes / 60)
 
+    @property
+    def evaluated_share(self) -> float | None:
+        counted = [m for m in self.replies if m.get("evaluated_prompt_tokens") is not None]
+        prompt = sum(m["prompt_tokens"] for m in counted)
+        return sum(m["evaluated_prompt_tokens"] for m in counted) / prompt if prompt else None
 
-def by_conversation(messages: list[dict]) -> dict[str, list[dict]]:
-    """Messages grouped by conversation, each in turn order."""
-    grouped: dict[str, list[dict]] = {}
-    for m in messages:
-        grouped.setdefault(m["conversation_id"], []).append(m)
-    return {cid: sorted(ms, key=lambda m: m["turn"]) for cid, ms in grouped.items()}
+    def summary(self) -> str:
+        latency = statistics.mean(m["latency_ms"] for m in self.replies)
+        share = self.evaluated_share
+        return (
+            f"{self.label}: {len(self.replies)} replies in {self.minutes:.1f} min = "
+            f"{self.per_minute:.2f} msgs/min, {self.conversations_per_hour:.1f} conversations/h, "
+            f"mean latency {latency / 1000:.1f} s, evaluated prompt share "
+            + (f"{share:.2f}" if share is not None else "n/a")
+            + f", fleet latency_ms_avg {self.fleet.get('latency_ms_avg', 'n/a')}"
+        )
 
 
 def is_bot_reply(message: dict) -> bool:
-    """True for a line a bot generated (not the starter's template greeting)."""
-    return message["turn"] > 0 and message["model"] != "template"
+    """True for a line a bot generated (not the starter's template greeting, not an error)."""
+    return message["turn"] > 0 and message["model"] != "template" and message["latency_ms"] > 0
 
 
-def turn_gaps_ms(messages: list[dict]) -> list[float]:
-    """Per reply, the time from the previous message's write to the start of its generation.
+def run_stack(
+    label: str,
+    model: str,
+    seconds: float,
+    *,
+    replicas: int | None = None,
+    threads: int | None = None,
+    cache_mb: int | None = None,
+) -> Run:
+    """Run `supportsim up`'s stack until `seconds` after the first reply; return its chat."""
+    run_dir = Path(tempfile.mkdtemp(prefix="bench-bots-"))
+    prefix = f"bench-bots-{new_id()[:8]}:"
+    os.environ["REDIS_KEY_PREFIX"] = prefix  # the stack clears and the services use only these
+    env = {
+        "LLM_MODEL": model,
+        "LLM_N_THREADS": str(threads or DEFAULT_BOT_THREADS),
+        "SEED_NAMESPACE": new_id(),
+        "REDIS_KEY_PREFIX": prefix,
+    }
+    if cache_mb is not None:
+        env["LLM_PROMPT_CACHE_MB"] = str(cache_mb)
+    counts = {} if replicas is None else {"ai_customer": replicas, "ai_support_agent": replicas}
+    redis_url = RedisSettings().redis_url.get_secret_value()
+    stack = Stack(run_dir, redis_url=redis_url, replicas=counts, extra_env=env, say=lambda _: None)
+    print(f"{label}: starting the stack (logs in {run_dir / 'logs'})", flush=True)
+    try:
+        stack.start()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        greetings = None
+        while time.monotonic() < deadline:
+            stack.supervise()
+            chat = topic_counts(stack.broker.address, ["chat"]).get("chat", 0)
+            greetings = greetings or (chat or None)
+            if greetings and chat > greetings:
+                break
+            time.sleep(2)
+        else:
+            raise SystemExit(f"{label}: no reply in {START_TIMEOUT_S} s; see {run_dir / 'logs'}")
+        print(f"{label}: first reply; measuring for {seconds:.0f} s", flush=True)
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            stack.supervise()
+            time.sleep(2)
+        messages = _chat_messages(stack.broker.address)
+        fleet_doc = redis.Redis.from_url(stack.redis.url).get(f"{prefix}fleet")
+        fleet = json.loads(fleet_doc) if fleet_doc else {}
+    finally:
+        stack.stop()
+    run = Run(label, messages, fleet)
+    if len(run.replies) < 2:
+        raise SystemExit(f"{label}: only {len(run.replies)} replies; see {run_dir / 'logs'}")
+    with (run_dir / "chat.jsonl").open("w", encoding="utf-8") as out:
+        out.writelines(json.dumps(m) + "\n" for m in messages)
+    return run
 
-    That is what the pipeline adds to each turn: the Kafka hop, state and prompt building.
-    """
-    gaps = []
-    for conversation in by_conversation(messages).values():
-        for before, m in zip(conversation, conversation[1:], strict=False):
-            if is_bot_reply(m) and m["turn"] == before["turn"] + 1:
-                gaps.append(m["timestamp_ms"] - m["latency_ms"] - before["timestamp_ms"])
-    return gaps
+
+def _chat_messages(address: str) -> list[dict]:
+    """Every message on `chat`, deduplicated on message_id."""
+    out, seen = [], set()
+    for record in read_records(address, "chat"):
+        value = json.loads(record.value or b"{}")
+        if value.get("message_id") and value["message_id"] not in seen:
+            seen.add(value["message_id"])
+            out.append(value)
+    return out
 
 
-def raw_rate(model: str, messages: list[dict], threads: int = 2) -> float:
-    """Tokens/s of llama-cpp-python's own chat API replaying the same conversations.
+def limit_rate(model: str, messages: list[dict]) -> tuple[float, int, int]:
+    """Messages/min of llama-cpp-python alone replaying the same turns (see the module doc).
 
-    One `Llama` per side, as the bots run one process per side (so each keeps its own prompt
-    cache); every reply is generated in the order the bots wrote them, from the same system
-    prompt and the same conversation so far, with the same sampling and as many tokens. No Kafka,
-    no state, no LangChain, no memory trimming: what a plain chat loop over the model would pay.
-    (A reply the bots retried counts its two attempts' tokens in one generation here.)
+    Returns (messages per minute, completion tokens asked, completion tokens generated).
     """
     from llama_cpp import Llama
 
-    from supportsim.bots.llm import LLMConfig
-    from supportsim.bots.models import resolve_model
+    from supportsim.bots.llm import ChatLLM, LLMConfig
     from supportsim.bots.prompts import Persona, load_scenario
+    from supportsim.bots.turns import turn_prompt
 
-    config = LLMConfig()
-    path = str(resolve_model(model).path)
-    llms = {
-        role: Llama(model_path=path, n_ctx=config.n_ctx, n_threads=threads, verbose=False, seed=1)
-        for role in ("customer", "agent")
-    }
+    config = LLMConfig(model=model, prompt_cache_mb=0)
+    renderer = ChatLLM.load(config)  # the bots' tokenizer and chat template, for the prompts
     scenario = load_scenario()
-    conversations = by_conversation(messages)
-    replies = sorted(filter(is_bot_reply, messages), key=lambda m: m["timestamp_ms"])
-    tokens = 0
-    started = time.perf_counter()
+    cores = os.cpu_count() or 1
+    by_conversation: dict[str, list[dict]] = {}
+    for m in messages:
+        by_conversation.setdefault(m["conversation_id"], []).append(m)
+    replies = sorted(
+        (m for m in messages if is_bot_reply(m)), key=lambda m: m["timestamp_ms"] - m["latency_ms"]
+    )
+    last_turn = {(m["conversation_id"], m["role"]): m["turn"] for m in replies}
+    contexts: dict[tuple[str, str], Llama] = {}
+    asked = generated = 0
+    elapsed = 0.0
     for reply in replies:
-        role = reply["role"]
+        side = (reply["conversation_id"], reply["role"])
+        history = [
+            {"role": m["role"], "text": m["text"]}
+            for m in sorted(by_conversation[reply["conversation_id"]], key=lambda m: m["turn"])
+            if m["turn"] < reply["turn"]
+        ]
         persona = Persona.from_contract(reply["customer"], reply["agent"])
-        chat = [{"role": "system", "content": scenario.system_prompt(role, persona)}]
-        for line in conversations[reply["conversation_id"]]:
-            if line["turn"] >= reply["turn"]:
-                break
-            speaker = "assistant" if line["role"] == role else "user"
-            chat.append({"role": speaker, "content": line["text"]})
-        out = llms[role].create_chat_completion(
-            chat,
+        prompt = renderer.prompt_text(
+            turn_prompt(renderer, scenario, persona, reply["role"], history)
+        )
+        if side not in contexts:  # loading a context is not generation: not timed
+            contexts[side] = Llama(
+                model_path=str(renderer.model.path),
+                n_ctx=config.n_ctx,
+                n_threads=cores,
+                n_batch=config.n_batch,
+                seed=1,
+                verbose=False,
+            )
+        started = time.perf_counter()
+        out = contexts[side].create_completion(
+            prompt,
             max_tokens=max(1, reply["completion_tokens"]),
             temperature=config.temperature,
             top_p=config.top_p,
             top_k=config.top_k,
             repeat_penalty=config.repeat_penalty,
         )
-        tokens += out["usage"]["completion_tokens"]
-    return tokens / (time.perf_counter() - started)
+        elapsed += time.perf_counter() - started
+        asked += reply["completion_tokens"]
+        generated += out["usage"]["completion_tokens"]
+        if last_turn[side] == reply["turn"]:
+            del contexts[side]
+    return len(replies) / (elapsed / 60), asked, generated
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def sweep(model: str, seconds: float) -> None:
+    """One stack run per bot layout (replicas per side x llama threads); one line each."""
+    for replicas in (1, 2):
+        for threads in (1, 2):
+            run = run_stack(
+                f"{replicas}+{replicas} replicas, {threads} thread(s)",
+                model,
+                seconds,
+                replicas=replicas,
+                threads=threads,
+            )
+            print(
+                f"SWEEP replicas={replicas}+{replicas} threads={threads} "
+                f"msgs_per_min={run.per_minute:.2f} "
+                f"conversations_per_hour={run.conversations_per_hour:.1f} "
+                f"evaluated_prompt_share={run.evaluated_share or 0:.2f} "
+                f"fleet_latency_ms_avg={run.fleet.get('latency_ms_avg', 'n/a')}",
+                flush=True,
+            )
 
 
 def main() -> None:
-    """Run the bots, then the raw baseline; print the RESULT line."""
+    """Run the stack with and without reuse, then the limit; print the RESULT line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="SmolLM2, 90 s (< 5 min)")
+    parser.add_argument("--quick", action="store_true", help="SmolLM2, 120 s per run (~10 min)")
     parser.add_argument("--model")
-    parser.add_argument("--seconds", type=float)
+    parser.add_argument("--seconds", type=float, help="measured time per stack run")
+    parser.add_argument("--sweep", action="store_true", help="compare bot layouts instead")
     args = parser.parse_args()
     model = args.model or ("smollm2-135m" if args.quick else "qwen2.5-1.5b")
-    seconds = args.seconds or (90 if args.quick else 600)
-    messages = run_bots(model, seconds, conversations=1, max_turns=10)
-    replies = [m for m in messages if is_bot_reply(m)]
-    if len(replies) < 2:
-        raise SystemExit(f"only {len(replies)} replies in {seconds} s: see the logs")
-    # from the start of the first generation (model loading and the group join do not count)
-    first = min(m["timestamp_ms"] - m["latency_ms"] for m in replies)
-    last = max(m["timestamp_ms"] for m in replies)
-    tokens = sum(m["completion_tokens"] for m in replies)
-    ours = tokens / ((last - first) / 1000)
-    raw = raw_rate(model, messages)
-    conversations = sum(1 for m in messages if m["final"])
-    per_min = len(replies) / ((last - first) / 60000)
-    per_hour = conversations / ((last - first) / 3_600_000)
-    print(f"replies={len(replies)} tokens={tokens} ours={ours:.1f} tok/s raw={raw:.1f} tok/s")
-    gaps = turn_gaps_ms(messages)
-    if gaps:
-        print(
-            f"between turns (previous message written -> generation starts): median "
-            f"{statistics.median(gaps):.0f} ms, max {max(gaps):.0f} ms over {len(gaps)} turns; "
-            f"generation: median {statistics.median(m['latency_ms'] for m in replies):.0f} ms"
-        )
+    seconds = args.seconds or (120 if args.quick else 480)
+    # a SIGTERM (a killed benchmark) unwinds like Ctrl-C, so no service or broker is left behind
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    if args.sweep:
+        sweep(model, seconds)
+        return
+    reuse = run_stack("with prompt reuse", model, seconds)
+    print(reuse.summary(), flush=True)
+    no_reuse = run_stack("without prompt reuse", model, seconds, cache_mb=0)
+    print(no_reuse.summary(), flush=True)
+    limit, asked, generated = limit_rate(model, reuse.messages)
     print(
-        f"RESULT bots ratio={ours / raw:.2f} target=0.9 ours_tok_s={ours:.1f} raw_tok_s={raw:.1f} "
-        f"msgs_per_min={per_min:.1f} conversations_per_hour={per_hour:.1f} model={model} "
-        f"cores={os.cpu_count()}"
+        f"limit: llama-cpp-python alone, {os.cpu_count()} threads: {limit:.2f} msgs/min "
+        f"({generated} of {asked} completion tokens generated before an end token)",
+        flush=True,
+    )
+    share = reuse.evaluated_share
+    print(
+        f"RESULT bots ratio={reuse.per_minute / limit:.2f} target=0.8 "
+        f"reuse_speedup={reuse.per_minute / no_reuse.per_minute:.2f} "
+        f"evaluated_prompt_share={share if share is not None else float('nan'):.2f} "
+        f"msgs_per_min={reuse.per_minute:.2f} "
+        f"conversations_per_hour={reuse.conversations_per_hour:.1f} "
+        f"limit_msgs_per_min={limit:.2f} no_reuse_msgs_per_min={no_reuse.per_minute:.2f} "
+        f"model={model} cores={os.cpu_count()}"
     )
 
 

@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 
@@ -21,6 +22,24 @@ def _replicas(values: list[str]) -> dict[str, int]:
             raise SystemExit(f"--replicas takes SERVICE=N, got {value!r}")
         result[name] = int(count)
     return result
+
+
+def bot_env(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, str]:
+    """The variables `up`'s options set for the bots (on top of `environ`)."""
+    from supportsim.stack import DEFAULT_BOT_THREADS
+
+    env = {}
+    if args.bots:
+        env["BOT_MODE"] = args.bots
+    if args.conversations:
+        env["CONVERSATIONS"] = str(args.conversations)
+    if args.model:
+        env["LLM_MODEL"] = args.model
+    if args.llm_url:
+        env.update(LLM_BACKEND="openai", LLM_BASE_URL=args.llm_url)
+    elif "LLM_N_THREADS" not in environ:
+        env["LLM_N_THREADS"] = str(DEFAULT_BOT_THREADS)
+    return env
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -39,15 +58,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
 
     redis_url = RedisSettings().redis_url.get_secret_value()
-    extra_env = {"SEED_NAMESPACE": run_dir.name}
-    if args.bots:
-        extra_env["BOT_MODE"] = args.bots
-    if args.conversations:
-        extra_env["CONVERSATIONS"] = str(args.conversations)
-    if args.model:
-        extra_env["LLM_MODEL"] = args.model
-    if "LLM_N_THREADS" not in os.environ:
-        extra_env["LLM_N_THREADS"] = "1"  # two customers and two agents share the cores
+    extra_env = {"SEED_NAMESPACE": run_dir.name, **bot_env(args, os.environ)}
     stack = Stack(
         run_dir,
         redis_url=redis_url,
@@ -126,7 +137,17 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--run-dir", help="folder for logs and state (default: runs/<timestamp>)")
     up.add_argument("--bots", choices=["llm", "scripted"], help="LLM bots (default) or templates")
     up.add_argument("--conversations", type=int, help="concurrent conversations (default 4)")
-    up.add_argument("--model", help="chat model: qwen2.5-1.5b, smollm2-135m, a .gguf path, hf:...")
+    up.add_argument(
+        "--model",
+        help="chat model: qwen2.5-1.5b, smollm2-135m, a .gguf path, hf:...; with --llm-url the "
+        "server's model name (default: the server's only model)",
+    )
+    up.add_argument(
+        "--llm-url",
+        metavar="URL",
+        help="run the bots against an OpenAI-compatible server instead of loading a model, e.g. "
+        "http://gpu-host:8000/v1 (key: LLM_API_KEY in the environment)",
+    )
     up.add_argument(
         "--progress-every",
         type=float,

@@ -93,6 +93,9 @@ def _dashboard_argv(port: int | None) -> list[str]:
     return dashboard_argv(port or free_port())
 
 
+# llama.cpp threads per bot process unless LLM_N_THREADS is set: the bot replicas share the cores
+DEFAULT_BOT_THREADS = 1
+
 # Every service `up` can start; it starts those whose folder exists in this checkout.
 SERVICES: list[ServiceSpec] = [
     ServiceSpec("sentiment_analysis", replicas=1, prepare=_sentiment_preparation),

@@ -222,14 +222,18 @@ class ChatLLM:
         """Prompt tokens of `messages` as this model sees them (template and tokenizer included)."""
         if not messages:
             return 0
+        try:
+            prompt = self.prompt_text(messages)
+        except Exception:  # some templates reject lists they cannot format (trimming slices)
+            logger.debug("chat template could not render %d messages", len(messages))
+            return self._approximate_tokens(messages)
+        return self._token_count(prompt, add_bos=self._formatter is None)
+
+    def prompt_text(self, messages: Sequence[BaseMessage]) -> str:
+        """`messages` rendered as the model reads them (its chat template, or Llama-2 tags)."""
         if self._formatter is not None:
-            try:
-                prompt = self._formatter(messages=[_message_dict(m) for m in messages]).prompt
-            except Exception:  # some templates reject lists they cannot format (trimming slices)
-                logger.debug("chat template could not render %d messages", len(messages))
-                return self._approximate_tokens(messages)
-            return self._token_count(prompt, add_bos=False)
-        return self._token_count(_llama2_prompt(_llama2_messages(messages)), add_bos=True)
+            return self._formatter(messages=[_message_dict(m) for m in messages]).prompt
+        return _llama2_prompt(_llama2_messages(messages))
 
     def reply(
         self,

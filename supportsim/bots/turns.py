@@ -105,6 +105,49 @@ def own_labels(role: Role, persona: Persona) -> list[str]:
     return list(dict.fromkeys([name, name.split()[0], *SPEAKER_LABELS[role]]))
 
 
+def _turn_flags(role: Role, history: Sequence[Mapping[str, Any]]) -> tuple[bool, bool]:
+    """(wrap_up, first): the other side just closed; the customer has not spoken yet."""
+    wrap_up = (
+        bool(history)
+        and history[-1].get("role") != role
+        and is_closing_line(str(history[-1].get("text", "")))
+    )
+    first = role == "customer" and not any(line.get("role") == role for line in history)
+    return wrap_up, first
+
+
+def _bounded_prompt(
+    llm: ChatModel,
+    scenario: Scenario,
+    persona: Persona,
+    role: Role,
+    lines: Sequence[Mapping[str, Any]],
+    cue: str,
+) -> list[BaseMessage]:
+    return bounded_messages(
+        scenario.system_prompt(role, persona),
+        lines,
+        role,
+        token_counter=llm.count_tokens,
+        max_tokens=llm.max_prompt_tokens,
+        opening_cue=scenario.opening_cue(role, persona),
+        reminder=cue,
+    )
+
+
+def turn_prompt(
+    llm: ChatModel,
+    scenario: Scenario,
+    persona: Persona,
+    role: Role,
+    history: Sequence[Mapping[str, Any]],
+) -> list[BaseMessage]:
+    """The messages of a turn's first attempt, as :func:`generate_turn` sends them."""
+    wrap_up, first = _turn_flags(role, history)
+    cue = scenario.turn_reminder(role, persona, wrap_up=wrap_up, first=first)
+    return _bounded_prompt(llm, scenario, persona, role, history, cue)
+
+
 def generate_turn(
     llm: ChatModel,
     scenario: Scenario,
@@ -132,13 +175,7 @@ def generate_turn(
     continue that conversation's saved prompt state. Raises :class:`EmptyReplyError` when every
     attempt is empty.
     """
-    wrap_up = (
-        bool(history)
-        and history[-1].get("role") != role
-        and is_closing_line(str(history[-1].get("text", "")))
-    )
-    # the customer has not spoken yet: its first message must say what is wrong
-    first = role == "customer" and not any(line.get("role") == role for line in history)
+    wrap_up, first = _turn_flags(role, history)
 
     def reminder(repeated: bool = False, offered_help: bool = False) -> str:
         return scenario.turn_reminder(
@@ -151,15 +188,7 @@ def generate_turn(
         )
 
     def prompt(cue: str, lines: Sequence[Mapping[str, Any]] = history) -> list[BaseMessage]:
-        return bounded_messages(
-            scenario.system_prompt(role, persona),
-            lines,
-            role,
-            token_counter=llm.count_tokens,
-            max_tokens=llm.max_prompt_tokens,
-            opening_cue=scenario.opening_cue(role, persona),
-            reminder=cue,
-        )
+        return _bounded_prompt(llm, scenario, persona, role, lines, cue)
 
     stop = stop_sequences(role, persona)
     labels = own_labels(role, persona)

@@ -1,0 +1,22 @@
+"""What `supportsim up`'s options set for the bots."""
+
+from supportsim.cli import bot_env, build_parser
+from supportsim.stack import DEFAULT_BOT_THREADS
+
+
+def up_env(*argv: str, environ: dict[str, str] | None = None) -> dict[str, str]:
+    return bot_env(build_parser().parse_args(["up", *argv]), environ or {})
+
+
+def test_llm_url_runs_the_bots_against_a_server_instead_of_a_local_model():
+    env = up_env("--llm-url", "http://gpu-host:8000/v1", "--model", "Qwen/Qwen2.5-7B-Instruct")
+    assert env["LLM_BACKEND"] == "openai"
+    assert env["LLM_BASE_URL"] == "http://gpu-host:8000/v1"
+    assert env["LLM_MODEL"] == "Qwen/Qwen2.5-7B-Instruct"
+    assert "LLM_N_THREADS" not in env  # no model is loaded: no llama.cpp threads to share
+
+
+def test_local_bots_share_the_cores_unless_llm_n_threads_is_set():
+    assert up_env()["LLM_N_THREADS"] == str(DEFAULT_BOT_THREADS)
+    assert "LLM_BACKEND" not in up_env()
+    assert "LLM_N_THREADS" not in up_env(environ={"LLM_N_THREADS": "4"})
