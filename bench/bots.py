@@ -8,7 +8,8 @@ with prompt reuse (the default) and with it switched off (``LLM_PROMPT_CACHE_MB=
 The limit, in the same run: llama-cpp-python alone in one process, using every core, replays the
 conversations of the reuse run in the bots' order: the same prompts (the bots' own prompt
 builder), sampling and completion token counts, each side of each conversation in its own
-`Llama` context so every turn evaluates only its new tokens. No Kafka, no state, no other
+`Llama` context so every turn evaluates only its new tokens (sampling past end tokens, so
+each reply has the bots' token count). No Kafka, no state, no other
 service competing for the cores.
 
 Usage: .venv/bin/python bench/bots.py [--quick] [--model M] [--seconds N] [--sweep]
@@ -203,18 +204,25 @@ def limit_rate(model: str, messages: list[dict]) -> tuple[float, int, int]:
                 seed=1,
                 verbose=False,
             )
+        context = contexts[side]
+        tokens = context.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
+        wanted = max(1, reply["completion_tokens"])
         started = time.perf_counter()
-        out = contexts[side].create_completion(
-            prompt,
-            max_tokens=max(1, reply["completion_tokens"]),
-            temperature=config.temperature,
+        count = 0
+        # generate() samples past end tokens: each reply gets the bots' token count, not fewer
+        for _ in context.generate(
+            tokens,
+            temp=config.temperature,
             top_p=config.top_p,
             top_k=config.top_k,
             repeat_penalty=config.repeat_penalty,
-        )
+        ):
+            count += 1
+            if count >= wanted:
+                break
         elapsed += time.perf_counter() - started
         asked += reply["completion_tokens"]
-        generated += out["usage"]["completion_tokens"]
+        generated += count
         if last_turn[side] == reply["turn"]:
             del contexts[side]
     return len(replies) / (elapsed / 60), asked, generated
@@ -267,7 +275,7 @@ def main() -> None:
     limit, asked, generated = limit_rate(model, reuse.messages)
     print(
         f"limit: llama-cpp-python alone, {os.cpu_count()} threads: {limit:.2f} msgs/min "
-        f"({generated} of {asked} completion tokens generated before an end token)",
+        f"({generated} of {asked} completion tokens)",
         flush=True,
     )
     share = reuse.evaluated_share

@@ -96,12 +96,13 @@ def _dashboard_argv(port: int | None) -> list[str]:
 # llama.cpp threads per bot process unless LLM_N_THREADS is set: the bot replicas share the cores
 DEFAULT_BOT_THREADS = 1
 
-# Every service `up` can start; it starts those whose folder exists in this checkout.
+# Every service `up` can start; it starts those whose folder exists in this checkout. One bot
+# replica per side: the fastest layout measured on 2 cores (bench/bots.py --sweep, README).
 SERVICES: list[ServiceSpec] = [
     ServiceSpec("sentiment_analysis", replicas=1, prepare=_sentiment_preparation),
     ServiceSpec("redis_aggregator", replicas=1),
-    ServiceSpec("ai_support_agent", replicas=2),
-    ServiceSpec("ai_customer", replicas=2),
+    ServiceSpec("ai_support_agent", replicas=1),
+    ServiceSpec("ai_customer", replicas=1),
     ServiceSpec("conversation_starter", replicas=1, job=True),
     ServiceSpec("dataset_sink", enabled=lambda env: _needs(env, "DATASET_DIR")),
     ServiceSpec("influx_sink", enabled=lambda env: _influx_configured(env)),

@@ -214,6 +214,11 @@ class ChatLLM:
         return self.model.name
 
     @property
+    def client(self) -> Any:
+        """The underlying ``llama_cpp.Llama``."""
+        return self._client
+
+    @property
     def max_prompt_tokens(self) -> int:
         """How many prompt tokens a turn may use so the reply still fits the context."""
         return self.config.max_prompt_tokens

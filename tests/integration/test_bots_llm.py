@@ -84,6 +84,8 @@ def test_llm_conversations_complete_with_separate_personas(llm_env, broker, tmp_
         replies = [m for m in conversation[1:] if m["end_reason"] != "error"]
         assert all(m["model"] != "template" and m["text"].strip() for m in replies)
         assert all(m["completion_tokens"] > 0 and m["latency_ms"] > 0 for m in replies)
+        # every reply says how much of its prompt the model read (prompt reuse did the rest)
+        assert all(0 < m["evaluated_prompt_tokens"] <= m["prompt_tokens"] for m in replies)
         assert not any(m["text"].lower().startswith(("agent:", "customer:")) for m in replies)
     # two conversations in the same two processes: each keeps its own persona
     personas = {(c[0]["customer"]["name"], c[0]["customer"]["product"]) for c in seeded[:2]}

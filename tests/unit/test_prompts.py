@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import warnings
@@ -189,3 +190,15 @@ def test_literal_backslash_n_in_a_prompt_file_is_rejected(tmp_path):
     )
     with pytest.raises(ScenarioError, match="literal"):
         Scenario.load(folder)
+
+
+@pytest.mark.parametrize("name", ["electronics", "travel"])
+@pytest.mark.parametrize("role", ["customer", "agent"])
+def test_conversations_share_their_system_prompt_up_to_the_persona(name, role):
+    scenario = Scenario.load(name)
+    one = scenario.system_prompt(role, Persona("Ada Lovelace", "sarcastic", "laptop", "Sam"))
+    other = scenario.system_prompt(role, Persona("Omar Haddad", "polite", "kettle", "Riley"))
+    shared = len(os.path.commonprefix([one, other]))
+    # only the last paragraph, which names the persona, differs: the rest is reused as evaluated
+    assert shared >= one.rindex("\n\n") + 2
+    assert shared > 0.8 * len(one)
