@@ -87,6 +87,14 @@ class Run:
         )
 
 
+def by_conversation(messages: list[dict]) -> dict[str, list[dict]]:
+    """Messages grouped by conversation, each in turn order."""
+    grouped: dict[str, list[dict]] = {}
+    for m in messages:
+        grouped.setdefault(m["conversation_id"], []).append(m)
+    return {cid: sorted(ms, key=lambda m: m["turn"]) for cid, ms in grouped.items()}
+
+
 def is_bot_reply(message: dict) -> bool:
     """True for a line a bot generated (not the starter's template greeting, not an error)."""
     return message["turn"] > 0 and message["model"] != "template" and message["latency_ms"] > 0
@@ -100,8 +108,12 @@ def run_stack(
     replicas: int | None = None,
     threads: int | None = None,
     cache_mb: int | None = None,
+    settings: dict[str, str] | None = None,
 ) -> Run:
-    """Run `supportsim up`'s stack until `seconds` after the first reply; return its chat."""
+    """Run `supportsim up`'s stack until `seconds` after the first reply; return its chat.
+
+    `settings` are further variables for every service (e.g. CONVERSATIONS, MAX_TURNS).
+    """
     run_dir = Path(tempfile.mkdtemp(prefix="bench-bots-"))
     prefix = f"bench-bots-{new_id()[:8]}:"
     os.environ["REDIS_KEY_PREFIX"] = prefix  # the stack clears and the services use only these
@@ -110,6 +122,7 @@ def run_stack(
         "LLM_N_THREADS": str(threads or DEFAULT_BOT_THREADS),
         "SEED_NAMESPACE": new_id(),
         "REDIS_KEY_PREFIX": prefix,
+        **(settings or {}),
     }
     if cache_mb is not None:
         env["LLM_PROMPT_CACHE_MB"] = str(cache_mb)
@@ -174,9 +187,7 @@ def limit_rate(model: str, messages: list[dict]) -> tuple[float, int, int]:
     renderer = ChatLLM.load(config)  # the bots' tokenizer and chat template, for the prompts
     scenario = load_scenario()
     cores = os.cpu_count() or 1
-    by_conversation: dict[str, list[dict]] = {}
-    for m in messages:
-        by_conversation.setdefault(m["conversation_id"], []).append(m)
+    conversations = by_conversation(messages)
     replies = sorted(
         (m for m in messages if is_bot_reply(m)), key=lambda m: m["timestamp_ms"] - m["latency_ms"]
     )
@@ -188,7 +199,7 @@ def limit_rate(model: str, messages: list[dict]) -> tuple[float, int, int]:
         side = (reply["conversation_id"], reply["role"])
         history = [
             {"role": m["role"], "text": m["text"]}
-            for m in sorted(by_conversation[reply["conversation_id"]], key=lambda m: m["turn"])
+            for m in conversations[reply["conversation_id"]]
             if m["turn"] < reply["turn"]
         ]
         persona = Persona.from_contract(reply["customer"], reply["agent"])

@@ -1,7 +1,7 @@
 """Benchmark: how well the LLM conversations go — repeats, loops, errors, turns.
 
-Runs the real bots through a Tansu broker (see bench/bots.py) with several conversations for a
-fixed time, then reads every message back: the share of replies that repeat an earlier message
+Runs `supportsim up`'s stack (see bench/bots.py) with three conversations for a fixed time after
+the first reply, then reads every message back: the share of replies that repeat an earlier message
 of their conversation (the near-duplicate check the bots use), the share of ended conversations
 that ended in `loop` or `error`, and the average number of turns. Two figures of how well the
 customer keeps its role: the share of customer replies in the agent's voice (`agent_voice`, the
@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bots import by_conversation, run_bots  # noqa: E402
+from bots import by_conversation, run_stack  # noqa: E402
 
 from supportsim.bots.loops import is_near_duplicate, sounds_like_agent  # noqa: E402
 
@@ -49,10 +49,9 @@ def main() -> None:
         model = next((m["model"] for m in messages if m["turn"] > 0), model)
     else:
         seconds = args.seconds or (150 if args.quick else 900)
-        # three conversations at once, so both bots generate at the same time: one thread each
-        messages = run_bots(
-            model, seconds, conversations=3, max_turns=8 if args.quick else 12, threads=1
-        )
+        # `supportsim up`'s stack and bot layout, three conversations at once
+        settings = {"CONVERSATIONS": "3", "MAX_TURNS": "8" if args.quick else "12"}
+        messages = run_stack("quality", model, seconds, settings=settings).messages
     report(messages, model)
 
 
