@@ -33,6 +33,7 @@ class ConversationStates(LlamaRAMCache):
         """Bytes held by the saved states."""
         return self._bytes
 
+    # no __len__: llama-cpp-python tests `if self.cache`, and an empty cache must still be used
     @property
     def conversations(self) -> int:
         """How many conversations have a saved state."""

@@ -145,3 +145,13 @@ def test_a_failing_model_call_ends_the_conversation_with_error_and_it_is_replace
     # each failed conversation was replaced at once: the target concurrency still holds
     assert sum(not finished(c) for c in convs.values()) == 2, convs
     assert "raise LLM_N_CTX or lower LLM_MAX_TOKENS" in bots[0].log()
+
+
+def test_a_replica_whose_worker_dies_exits_so_it_is_restarted(service_env, tmp_path):
+    env = {**service_env, "LLM_CONCURRENCY": "2", "LLM_MODEL": str(tmp_path / "missing.gguf")}
+    replica = ServiceProcess("ai_customer", env, tmp_path).start()
+    status = replica.process.wait(120)
+    log = replica.log()
+    assert status != 0, log
+    assert "running 2 workers" in log and "worker exited with status" in log
+    assert "missing.gguf" in log  # the worker's own error says why
