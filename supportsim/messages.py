@@ -13,7 +13,15 @@ import time
 import uuid
 from typing import Annotated, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    StringConstraints,
+    ValidationError,
+    model_serializer,
+)
 
 MAX_TEXT_CHARS = 4000
 MAX_RAW_VALUE_CHARS = 64_000  # dead letters keep the start of a huge value, never the whole MB
@@ -78,6 +86,14 @@ class ChatMessage(_Contract):
     def key(self) -> bytes:
         """The Kafka key of this message."""
         return self.conversation_id.encode()
+
+    @model_serializer(mode="wrap")
+    def _without_unknown_counts(self, handler: SerializerFunctionWrapHandler) -> dict:
+        # an unknown count stays absent, so a message without it passes through services unchanged
+        data = handler(self)
+        if data.get("evaluated_prompt_tokens", 0) is None:
+            del data["evaluated_prompt_tokens"]
+        return data
 
 
 class Sentiment(_Contract):
