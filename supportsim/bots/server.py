@@ -49,7 +49,9 @@ class ServerChatLLM:
         from langchain_openai import ChatOpenAI
 
         if not config.base_url:
-            raise ValueError("LLM_BACKEND=openai needs LLM_BASE_URL (e.g. http://gpu-host:8000/v1)")
+            raise FatalSetupError(
+                "LLM_BACKEND=openai needs LLM_BASE_URL (e.g. http://gpu-host:8000/v1)"
+            )
         model = _probe(config)
         key = config.api_key.get_secret_value() if config.api_key else "none"
         chat = ChatOpenAI(
