@@ -8,7 +8,12 @@ optional `dataset_sink` service (appends every finished conversation as it happe
 - a conversation row: one summary per conversation (persona, turns, end reason, completeness,
   sentiment statistics, tokens, duration);
 - a chat record: the conversation as `{role, content}` messages for fine-tuning tools, the support
-  agent as `assistant`, the customer as `user`, after a `system` line describing the persona.
+  agent as `assistant`, the customer as `user`, after a `system` line built only from what a
+  production agent sees (its own name and the customer's name, never the customer's mood or card).
+
+A conversation that ended in `error` or `loop` is not complete unless the caller asks to include
+those endings. The line a bot writes when a conversation ends in `error` is not a chat turn: its
+text is left out of message rows, of sentiment statistics and of chat records.
 
 The sink writes JSON Lines crash-safely: each batch is appended, flushed and fsynced, then the
 committed sizes of the files are recorded atomically in `.committed.json`. On start (and before
@@ -90,6 +95,15 @@ CONVERSATION_COLUMNS = [
 
 ROLE_IN_CHAT = {"agent": "assistant", "customer": "user"}
 PERSONA_COLUMNS = ("customer_name", "customer_mood", "customer_product", "agent_name")
+# the only persona facts a chat record carries: what the agent is told in production
+AGENT_VISIBLE_COLUMNS = ("agent_name", "customer_name")
+# endings that are not a finished conversation (a failure, or a model repeating itself)
+FAILED_ENDINGS = ("error", "loop")
+
+
+def is_error_line(row: dict[str, Any]) -> bool:
+    """True for the line a bot writes when a conversation ends in `error` (no model text)."""
+    return bool(row.get("final")) and row.get("end_reason") == "error"
 
 
 def flatten(value: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -117,6 +131,8 @@ def message_row(message: dict[str, Any], partition: int, offset: int) -> dict[st
             row[name] = flat[name]
     row["kafka_partition"] = partition
     row["kafka_offset"] = offset
+    if is_error_line(row):
+        row["text"] = None  # the bot's failure notice, not something either side said
     return row
 
 
@@ -137,8 +153,11 @@ def _span(turns: list[int]) -> str:
     return ", ".join(map(str, turns))
 
 
-def incompleteness(rows: list[dict[str, Any]]) -> list[str]:
-    """Why a conversation (its message rows, in turn order) is not whole; empty when it is."""
+def incompleteness(rows: list[dict[str, Any]], include_failed_endings: bool = False) -> list[str]:
+    """Why a conversation (its message rows, in turn order) is not whole; empty when it is.
+
+    An `error` or `loop` ending makes it incomplete unless `include_failed_endings`.
+    """
     problems = []
     turns = [row["turn"] for row in rows]
     repeated = sorted(turn for turn, count in Counter(turns).items() if count > 1)
@@ -152,23 +171,28 @@ def incompleteness(rows: list[dict[str, Any]]) -> list[str]:
         problems.append("no final message")
     elif len(finals) > 1 or finals[-1] is not rows[-1]:
         problems.append("messages after the final one")
+    elif finals[-1]["end_reason"] in FAILED_ENDINGS and not include_failed_endings:
+        problems.append(f"ended by {finals[-1]['end_reason']}")
     if len({tuple(row[c] for c in PERSONA_COLUMNS) for row in rows}) > 1:
         problems.append("persona changed during the conversation")
     return problems
 
 
-def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def summarize(rows: list[dict[str, Any]], include_failed_endings: bool = False) -> dict[str, Any]:
     """The summary row of one conversation from its message rows (any order, at least one).
 
-    `complete` is true when turns run 0..n without gaps or repeats and the last one is final;
-    otherwise `incomplete_reason` says what is wrong. Sentiment change is the customer's last
-    score minus the customer's first (positive: the customer ended happier).
+    `complete` is true when turns run 0..n without gaps or repeats, the last one is final and
+    the ending is not `error` or `loop` (those count with `include_failed_endings`); otherwise
+    `incomplete_reason` says what is wrong. Sentiment statistics leave out the error line.
+    Sentiment change is the customer's last score minus the customer's first (positive: the
+    customer ended happier).
     """
     ordered = sorted(rows, key=lambda row: row["turn"])
     first, last = ordered[0], ordered[-1]
-    problems = incompleteness(ordered)
-    scores = [row["sentiment_score"] for row in ordered]
-    customer = [row["sentiment_score"] for row in ordered if row["role"] == "customer"]
+    problems = incompleteness(ordered, include_failed_endings)
+    spoken = [row for row in ordered if not is_error_line(row)] or ordered
+    scores = [row["sentiment_score"] for row in spoken]
+    customer = [row["sentiment_score"] for row in spoken if row["role"] == "customer"]
     prompt = sum(row["prompt_tokens"] or 0 for row in ordered)
     completion = sum(row["completion_tokens"] or 0 for row in ordered)
     times = [row["timestamp_ms"] for row in ordered]
@@ -201,21 +225,22 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def system_line(summary: dict[str, Any]) -> str:
-    """The system message of a chat record: who the agent is and who the customer is."""
-    mood = str(summary["customer_mood"])
-    article = "an" if mood[:1].lower() in ("a", "e", "i", "o", "u") else "a"
+    """The system message of a chat record: the agent's name and the customer's name only."""
+    visible = {column: summary[column] for column in AGENT_VISIBLE_COLUMNS}
     return (
-        f"You are {summary['agent_name']}, a customer support agent. You are chatting with "
-        f"{summary['customer_name']}, {article} {mood} customer who has a problem "
-        f"with their {summary['customer_product']}."
+        f"You are {visible['agent_name']}, a customer support agent. You are chatting with "
+        f"{visible['customer_name']}."
     )
 
 
 def chat_record(summary: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
     """One conversation as a fine-tuning example: agent = assistant, customer = user.
 
-    `messages` is what chat fine-tuning tools read; `conversation_id` and `complete` let a user
-    join it to the other files or drop incomplete examples.
+    Built from an allow-list, so a field added to the messages later (the customer's card, an
+    outcome) never reaches the agent's training line: each turn is `{role, content}` from the
+    message's role and text, the error line is left out, and the system line names only the
+    agent and the customer. `conversation_id` and `complete` let a user join the other files
+    or drop incomplete examples.
     """
     ordered = sorted(rows, key=lambda row: row["turn"])
     return {
@@ -223,7 +248,11 @@ def chat_record(summary: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str
         "complete": summary["complete"],
         "messages": [
             {"role": "system", "content": system_line(summary)},
-            *({"role": ROLE_IN_CHAT[row["role"]], "content": row["text"]} for row in ordered),
+            *(
+                {"role": ROLE_IN_CHAT[row["role"]], "content": row["text"]}
+                for row in ordered
+                if not is_error_line(row)
+            ),
         ],
     }
 
@@ -241,6 +270,8 @@ class DatasetSettings(ServiceSettings):
 
     service_name: str = "dataset_sink"
     dataset_dir: str | None = None
+    # count conversations that ended in `error` or `loop` as complete
+    dataset_include_failed_endings: bool = False
 
 
 def dataset_sink_enabled(env: dict[str, str]) -> str | None:
@@ -265,9 +296,12 @@ class ConversationFiles:
     FILES = ("messages.jsonl", "conversations.jsonl", "chat.jsonl")
     COMMITTED = ".committed.json"
 
-    def __init__(self, directory: str | Path, remember: int = 100_000):
+    def __init__(
+        self, directory: str | Path, remember: int = 100_000, include_failed_endings: bool = False
+    ):
         self.directory = Path(directory)
         self.remember = remember
+        self.include_failed_endings = include_failed_endings
         self._recent: deque[str] = deque()
         self._known: set[str] = set()
         self._scanned_to = 0  # bytes of conversations.jsonl whose ids are known
@@ -287,7 +321,7 @@ class ConversationFiles:
             blocks = {name: [] for name in self.FILES}
             new_ids: dict[str, None] = {}  # insertion-ordered set
             for rows in conversations:
-                summary = summarize(rows)
+                summary = summarize(rows, self.include_failed_endings)
                 cid = summary["conversation_id"]
                 if cid in self._known or cid in new_ids:
                     self.skipped += 1
@@ -389,9 +423,9 @@ class DatasetSink(BatchingSink):
     written when Quix Streams checkpoints, before the consumed offsets are committed.
     """
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, include_failed_endings: bool = False):
         super().__init__()
-        self.files = ConversationFiles(directory)
+        self.files = ConversationFiles(directory, include_failed_endings=include_failed_endings)
 
     def setup(self) -> None:
         """Open the folder (cut torn writes, learn the conversations already written)."""
@@ -440,7 +474,8 @@ def run_dataset_sink(settings: DatasetSettings | None = None) -> None:
 
     sdf = validated(app.dataframe(topics.scored), ScoredMessage, topics, settings.service_name)
     sdf = sdf.apply(to_row).apply(collect_conversation, stateful=True)
-    sdf.filter(lambda value: value is not None).sink(DatasetSink(settings.dataset_dir))
+    sink = DatasetSink(settings.dataset_dir, settings.dataset_include_failed_endings)
+    sdf.filter(lambda value: value is not None).sink(sink)
     logger.info(
         "writing finished conversations from %s to %s", topics.scored.name, settings.dataset_dir
     )

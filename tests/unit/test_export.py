@@ -97,7 +97,9 @@ def test_cli_registers_export_and_compare_with_their_options():
     add_export_commands(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["export", "--conversation", "a", "--conversation", "b"])
     assert (args.out, args.format, args.conversation) == ("dataset", "csv,jsonl", ["a", "b"])
-    assert not args.complete_only and not args.chat_jsonl
+    assert not args.complete_only and not args.chat_jsonl and not args.include_failed_endings
+    args = parser.parse_args(["export", "--include-failed-endings"])
+    assert args.include_failed_endings
     args = parser.parse_args(["compare", "--b", "chat-scored-v2"])
     assert (args.a, args.b, args.json) == (None, "chat-scored-v2", False)
 
@@ -170,10 +172,128 @@ def test_chat_record_maps_agent_to_assistant_and_customer_to_user():
     roles = [m["role"] for m in record["messages"]]
     assert roles == ["system", "user", "assistant", "user"]  # chat_message: even turns customer
     assert record["messages"][0]["content"] == (
-        "You are Sam, a customer support agent. You are chatting with Dana, an angry customer"
-        " who has a problem with their laptop."
+        "You are Sam, a customer support agent. You are chatting with Dana."
     )
     assert [m["content"] for m in record["messages"][1:]] == ["message 0", "message 1", "message 2"]
+
+
+# --- what a dataset must not carry: failed endings as complete, the error line, hidden persona ---
+
+ERROR_LINE = "[this conversation ended because the agent bot failed: RuntimeError]"
+
+
+def ended_by(cid: str, end_reason: str, text: str = "message 3") -> list[dict]:
+    """Four turns, the last one final with `end_reason`."""
+    return [
+        message_row(
+            scored(
+                cid,
+                t,
+                -0.5 if t == 3 else 0.5,
+                final=t == 3,
+                end_reason=end_reason if t == 3 else None,
+                **({"text": text} if t == 3 else {}),
+            ),
+            0,
+            t,
+        )
+        for t in range(4)
+    ]
+
+
+@pytest.mark.parametrize("end_reason", ["error", "loop"])
+def test_error_and_loop_endings_are_incomplete_unless_included(end_reason):
+    rows = ended_by(new_id(), end_reason)
+    summary = summarize(rows)
+    assert summary["complete"] is False
+    assert summary["incomplete_reason"] == f"ended by {end_reason}"
+    assert summary["end_reason"] == end_reason
+    included = summarize(rows, include_failed_endings=True)
+    assert included["complete"] is True and included["incomplete_reason"] == ""
+
+
+@pytest.mark.parametrize("end_reason", ["goodbye", "turn_limit"])
+def test_finished_endings_are_complete(end_reason):
+    assert summarize(ended_by(new_id(), end_reason))["complete"] is True
+
+
+def test_the_error_line_is_no_chat_turn_in_any_row():
+    cid = new_id()
+    rows = ended_by(cid, "error", text=ERROR_LINE)
+    assert rows[-1]["text"] is None, "message rows drop the bot's failure notice"
+    assert rows[-1]["final"] is True and rows[-1]["end_reason"] == "error"
+    summary = summarize(rows, include_failed_endings=True)
+    assert summary["last_sentiment"] == 0.5, "the notice's score is no one's sentiment"
+    assert summary["min_sentiment"] == 0.5
+    record = chat_record(summary, rows)
+    contents = [m["content"] for m in record["messages"][1:]]
+    assert contents == ["message 0", "message 1", "message 2"]
+    assert "failed" not in json.dumps(record)
+    assert all(m["content"] is not None for m in record["messages"])
+
+
+def test_a_loop_ending_keeps_its_last_turn():
+    rows = ended_by(new_id(), "loop")
+    record = chat_record(summarize(rows), rows)
+    assert [m["content"] for m in record["messages"][1:]][-1] == "message 3"
+
+
+def test_chat_record_carries_no_hidden_persona_fact():
+    """Built from an allow-list: the mood, the product and any field added to the messages later
+    (the customer's card, an outcome, a remedy) stay out of the agent's training line."""
+    cid = new_id()
+    card = {"order_number": "NW-48213", "symptom": "drops the connection", "wants": "a refund"}
+    rows = [
+        message_row(
+            scored(
+                cid,
+                t,
+                final=t == 2,
+                end_reason="goodbye" if t == 2 else None,
+                card=card,
+                outcome="resolved" if t == 2 else None,
+                remedy="replacement",
+                customer={"name": "Dana", "mood": "furious", "product": "hovercraft"},
+            ),
+            0,
+            t,
+        )
+        for t in range(3)
+    ]
+    assert rows[0]["card_order_number"] == "NW-48213", "analysis rows keep every field"
+    record = chat_record(summarize(rows), rows)
+    assert set(record) == {"conversation_id", "complete", "messages"}
+    assert all(set(m) == {"role", "content"} for m in record["messages"])
+    text = json.dumps(record)
+    for hidden in ("furious", "hovercraft", "NW-48213", "drops the connection", "refund", "card"):
+        assert hidden not in text, f"the agent's training line carries {hidden!r}"
+    assert "Dana" in record["messages"][0]["content"], "the agent knows whom it greets"
+
+
+def test_dataset_files_flag_failed_endings_and_can_include_them(tmp_path):
+    error = ended_by(new_id(), "error", text=ERROR_LINE)
+    files = ConversationFiles(tmp_path / "a")
+    files.open()
+    files.append([error])
+    summary = json.loads((tmp_path / "a" / "conversations.jsonl").read_text())
+    assert summary["complete"] is False and summary["incomplete_reason"] == "ended by error"
+    for name in ("messages.jsonl", "chat.jsonl"):
+        assert "bot failed" not in (tmp_path / "a" / name).read_text(), name
+    included = ConversationFiles(tmp_path / "b", include_failed_endings=True)
+    included.open()
+    included.append([error])
+    summary = json.loads((tmp_path / "b" / "conversations.jsonl").read_text())
+    assert summary["complete"] is True
+
+
+def test_store_summarizes_failed_endings_as_asked(tmp_path):
+    for include, complete in ((False, 0), (True, 1)):
+        store = ConversationStore(tmp_path / f"spill-{include}.sqlite", include)
+        for row in ended_by(new_id(), "loop"):
+            store.add(row)
+        store.summarize()
+        assert store.counts() == (complete, 1 - complete)
+        store.close()
 
 
 def test_csv_cells_and_rejection_kinds():
