@@ -1,5 +1,8 @@
 """Benchmark: one full dashboard render with 1,000 conversations in Redis versus with 10.
 
+The render includes the live wall (DASHBOARD_WALL_SIZE tiles, default 4, each with its latest
+messages as chat bubbles); the run fails if the wall is not drawn.
+
 Usage: `.venv/bin/python bench/dashboard.py [--quick]`
 
 Writes its own fixture conversations to Redis (REDIS_URL, else a redis-server started here)
@@ -10,7 +13,8 @@ Redis, parsed and drawn: the cost of opening the page. Also reported: the steady
 
 The target: a render of 1,000 conversations finishes within the default refresh interval of
 2 s, so the measured ratio is 2.0 / render_1000_s (>= 1.0 meets it). The last line is
-`RESULT dashboard ratio=<2.0 / render_1000_s> target=1.0 render_10_s=... render_1000_s=...`.
+`RESULT dashboard ratio=<2.0 / render_1000_s> target=1.0 render_10_s=... render_1000_s=...
+wall_tiles=...`.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from supportsim.stack import LocalRedis  # noqa: E402
 
 APP = str(REPO_ROOT / "dashboard" / "main.py")
 REFRESH_S = 2.0
+WALL_SIZE = 4
 TEXT = (
     "I ordered the laptop three weeks ago, it arrived with a cracked screen and the charger "
     "does not fit. I have written to you twice already and nobody answered. What now? "
@@ -59,6 +64,7 @@ def fill(client: redis.Redis, prefix: str, count: int, turns: int) -> None:
             turns=turns,
             status="ended" if i % 3 == 2 else "active",
             end_reason="goodbye" if i % 3 == 2 else None,
+            outcome="resolved" if i % 6 == 2 else None,
             started_ms=now - 600_000 + i * 50,
             texts=[TEXT] * turns,
         )
@@ -71,8 +77,13 @@ def fill(client: redis.Redis, prefix: str, count: int, turns: int) -> None:
     )
 
 
+def wall_tiles(app: AppTest) -> int:
+    """How many wall tiles the last run drew."""
+    return sum(1 for block in app.container if (block.key or "").startswith("wall-"))
+
+
 def render(app: AppTest, *, cold: bool) -> float:
-    """Seconds for one full run of the dashboard script."""
+    """Seconds for one full run of the dashboard script (the wall included)."""
     st.cache_data.clear()
     if cold:
         st.cache_resource.clear()  # also forgets the store's rows: every conversation is read
@@ -81,6 +92,8 @@ def render(app: AppTest, *, cold: bool) -> float:
     elapsed = time.perf_counter() - started
     if app.exception:
         raise RuntimeError(f"the dashboard failed: {[e.value for e in app.exception]}")
+    if wall_tiles(app) != WALL_SIZE:
+        raise RuntimeError(f"the wall has {wall_tiles(app)} tiles, not {WALL_SIZE}")
     return elapsed
 
 
@@ -105,6 +118,7 @@ def main() -> int:
         for size, prefix in sizes.items():
             fill(client, prefix, size, turns)
         os.environ["REDIS_URL"] = local.url
+        os.environ["DASHBOARD_WALL_SIZE"] = str(WALL_SIZE)
         apps = {}
         for size, prefix in sizes.items():
             os.environ["REDIS_KEY_PREFIX"] = prefix
@@ -135,7 +149,8 @@ def main() -> int:
     print(
         f"RESULT dashboard ratio={REFRESH_S / render_1000:.2f} target=1.0 "
         f"render_10_s={render_10:.3f} render_1000_s={render_1000:.3f} "
-        f"refresh_1000_s={refresh_1000:.3f} slowdown_1000_vs_10={render_1000 / render_10:.2f}"
+        f"refresh_1000_s={refresh_1000:.3f} slowdown_1000_vs_10={render_1000 / render_10:.2f} "
+        f"wall_tiles={WALL_SIZE}"
     )
     return 0
 

@@ -1,10 +1,11 @@
 """Live dashboard: conversations, sentiment and throughput, read from Redis only.
 
 Run alone with `streamlit run dashboard/main.py`. Configuration comes from the environment:
-REDIS_URL, REDIS_KEY_PREFIX, DASHBOARD_REFRESH_S (seconds between live refreshes, 0 for off)
-and DASHBOARD_MAX_ENDED (how many finished conversations to list). The data logic lives in
-`supportsim.dashboard_data`; this script is wiring and layout. Model text is only ever shown
-with `st.text` or in tables, never as markdown or HTML.
+REDIS_URL, REDIS_KEY_PREFIX, DASHBOARD_REFRESH_S (seconds between live refreshes, 0 for off),
+DASHBOARD_MAX_ENDED (how many finished conversations to list), DASHBOARD_WALL_SIZE (tiles on
+the live wall) and DASHBOARD_WALL_LINGER_S (how long an ended conversation stays on it). The data
+logic lives in `supportsim.dashboard_data`; this script is wiring and layout. Model text is only
+ever shown with `st.text`, in tables, or escaped for markdown, never as HTML.
 """
 
 from __future__ import annotations
@@ -26,16 +27,22 @@ from supportsim.dashboard_data import (  # noqa: E402
     DashboardStore,
     Headline,
     Snapshot,
+    Tile,
     breakdown,
     conversations_csv,
     end_reasons,
+    ending,
     escape_markdown,
     filter_conversations,
     filter_options,
     headline,
     persona_labels,
+    role_sentiment,
     sentiment_trend,
     transcript,
+    wall_ranking,
+    wall_slots,
+    wall_tile,
 )
 from supportsim.service import redacted  # noqa: E402
 
@@ -47,6 +54,8 @@ BADGES = {
     "neutral": ("gray", ":material/sentiment_neutral:"),
     "negative": ("red", ":material/sentiment_dissatisfied:"),
 }
+ENDINGS = {"resolved": "green", "unresolved": "orange", "gave_up": "red", "error": "red"}
+WALL_COLUMNS = 4  # tiles per row of the wall
 TABLE_COLUMNS = {
     "status": st.column_config.TextColumn("Status", width="small"),
     "customer": st.column_config.TextColumn("Customer"),
@@ -54,10 +63,13 @@ TABLE_COLUMNS = {
     "product": st.column_config.TextColumn("Product"),
     "agent": st.column_config.TextColumn("Agent"),
     "turns": st.column_config.NumberColumn("Turns", format="%d"),
-    "sentiment_avg": st.column_config.NumberColumn("Avg sentiment", format="%+.2f"),
-    "sentiment_last": st.column_config.NumberColumn("Last", format="%+.2f"),
+    "customer_first": st.column_config.NumberColumn("Customer at start", format="%+.2f"),
+    "customer_now": st.column_config.NumberColumn("Customer now", format="%+.2f"),
     "sentiment_trend": st.column_config.LineChartColumn("Sentiment trend", y_min=-1, y_max=1),
+    "agent_now": st.column_config.NumberColumn("Agent now", format="%+.2f"),
+    "outcome": st.column_config.TextColumn("Outcome"),
     "end_reason": st.column_config.TextColumn("End reason"),
+    "wants": st.column_config.TextColumn("Customer wants"),
     "updated": st.column_config.DatetimeColumn("Updated (UTC)", format="HH:mm:ss"),
     "duration_s": st.column_config.NumberColumn("Duration (s)", format="%.0f"),
     "completion_tokens": st.column_config.NumberColumn("Tokens", format="%d"),
@@ -76,6 +88,8 @@ except ValidationError as exc:
 REDIS_URL = settings.redis_url.get_secret_value()
 PREFIX = settings.redis_key_prefix
 MAX_ENDED = settings.dashboard_max_ended
+WALL_SIZE = settings.dashboard_wall_size
+WALL_LINGER_MS = settings.dashboard_wall_linger_s * 1000
 CACHE_TTL_S = max(0.5, min(1.0, settings.dashboard_refresh_s / 2 or 1.0))
 
 
@@ -101,30 +115,72 @@ def load_conversation(redis_url: str, prefix: str, max_ended: int, conversation_
     return get_store(redis_url, prefix, max_ended).conversation(conversation_id)
 
 
+@st.cache_data(ttl=CACHE_TTL_S, show_spinner=False, max_entries=64)
+def load_conversations(
+    redis_url: str, prefix: str, max_ended: int, conversation_ids: tuple[str, ...]
+) -> dict:
+    """The documents of the wall's conversations, by id, in one round trip."""
+    return get_store(redis_url, prefix, max_ended).conversations(conversation_ids)
+
+
+def signed(value: float | None) -> str:
+    """A sentiment score as +0.00, or a dash when unknown."""
+    return "–" if value is None else f"{value:+.2f}"
+
+
+def score_color(value: float | None) -> str:
+    """Badge colour of a sentiment score."""
+    if value is None:
+        return "gray"
+    return "green" if value > 0.25 else "red" if value < -0.25 else "gray"
+
+
+def show_pipeline_warning(figures: Headline) -> None:
+    """Say so when sentiment scoring runs behind the chat (a backlog, not a pause)."""
+    if not figures.behind:
+        return
+    seconds = f", {figures.behind_s:,.0f} s of chat" if figures.behind_s is not None else ""
+    st.warning(
+        f"Sentiment scoring is behind the chat: {figures.behind_messages or 0:,} messages "
+        f"waiting{seconds}. Sentiment figures and transcripts lag by that much; message rates "
+        "count what the bots wrote.",
+        icon=":material/hourglass_top:",
+    )
+
+
 def show_headline(figures: Headline, series: pd.DataFrame) -> None:
-    """The six headline metrics in one row, with sparklines of the recent buckets."""
+    """The headline metrics in one row, customer sentiment first, with pipeline health."""
     recent = series.tail(30)
 
     def number(value: float | None, pattern: str) -> str:
         return "–" if value is None else pattern.format(value)
 
-    cells = st.columns(6)
+    cells = st.columns([0.8, 0.8, 0.9, 1.6, 1, 1, 1.3, 1.2])
     cells[0].metric("Active", f"{figures.active:,}", border=True, height="stretch")
     cells[1].metric("Finished", f"{figures.ended:,}", border=True, height="stretch")
     cells[2].metric("Messages", f"{figures.messages:,}", border=True, height="stretch")
-    cells[3].metric(
-        "Sentiment now",
-        number(figures.sentiment_now, "{:+.2f}"),
-        help="Average sentiment of the active conversations, from -1 (negative) to +1.",
-        chart_data=recent["sentiment_avg"].dropna().tolist() or None,
-        border=True,
-        height="stretch",
-    )
+    with cells[3]:
+        st.metric(
+            "Customer sentiment",
+            signed(figures.customer_now),
+            help="Customers only: the mean of each active conversation's latest customer "
+            "message, from -1 (negative) to +1. The sparkline is customer messages per 10 s.",
+            chart_data=recent["customer_sentiment_avg"].dropna().tolist() or None,
+            border=True,
+            height="stretch",
+        )
+        st.caption(f"Agent {signed(figures.agent_now)}", help="The agents' latest messages.")
     cells[4].metric(
         "Msgs / min",
         number(figures.messages_per_minute, "{:.1f}"),
-        help="Over the last minute of 10-second buckets.",
-        chart_data=recent["messages"].tolist() or None,
+        help=(
+            "Messages the bots wrote in the last minute (chat topic, by message time), "
+            "scored or not."
+            if figures.rates_from_chat
+            else "Scored messages in the last minute of 10-second buckets."
+        ),
+        chart_data=recent["chat_messages" if figures.rates_from_chat else "messages"].tolist()
+        or None,
         chart_type="bar",
         border=True,
         height="stretch",
@@ -136,34 +192,171 @@ def show_headline(figures: Headline, series: pd.DataFrame) -> None:
         border=True,
         height="stretch",
     )
+    with cells[6]:
+        st.metric(
+            "Scoring behind",
+            "–" if figures.behind_messages is None else f"{figures.behind_messages:,}",
+            help="Chat messages the bots wrote that are not scored for sentiment yet "
+            "(read by the aggregator from the chat topic).",
+            border=True,
+            height="stretch",
+        )
+        if figures.behind_s is not None:
+            st.caption(f"{figures.behind_s:,.1f} s of chat behind")
+    with cells[7]:
+        st.metric(
+            "Dead letters",
+            "–" if figures.dead_letters_recent is None else f"{figures.dead_letters_recent:,}",
+            help="Records sent to the dead-letter topic in the last 5 minutes.",
+            border=True,
+            height="stretch",
+        )
+        if figures.dead_letters is not None:
+            st.caption(f"last 5 min; {figures.dead_letters:,} in all")
+
+
+def open_conversation(conversation_id: str) -> None:
+    """Open one conversation's transcript below: clear the filters that could hide it."""
+    for key in ("mood", "product", "status"):
+        st.session_state[key] = []
+    st.session_state["search"] = ""
+    st.session_state["conversation"] = conversation_id
+
+
+def show_tile(tile: Tile, slot: int) -> None:
+    """One wall tile: persona, card, customer sentiment from start to now, the latest bubbles."""
+    st.markdown(
+        f"**{escape_markdown(tile.customer)}** · {escape_markdown(tile.mood or '?')} · "
+        f"{escape_markdown(tile.product or '?')}"
+    )
+    if tile.wants:
+        st.caption(escape_markdown(f"Wants: {tile.wants}"))
+    with st.container(horizontal=True, gap="small"):
+        if tile.status == "ended":
+            color = ENDINGS.get(tile.ending or "", "gray")
+            st.badge(escape_markdown(f"ended: {tile.ending}"), color=color, icon=":material/flag:")
+        else:
+            st.badge("live", color="blue", icon=":material/forum:")
+        st.badge(
+            f"customer {signed(tile.customer_first)} → {signed(tile.customer_now)}",
+            color=score_color(tile.customer_now),
+        )
+        if tile.remedy:
+            st.badge(escape_markdown(f"offered: {tile.remedy}"), color="violet")
+    with st.container(height=330, border=False):
+        if not tile.messages:
+            st.caption("No messages stored yet.")
+        for message in tile.messages:
+            with st.chat_message(
+                CHAT_NAMES.get(message.role, "other"),
+                avatar=AVATARS.get(message.role, ":material/help:"),
+            ):
+                if message.label:
+                    color, icon = BADGES[message.label]
+                    score = "" if message.score is None else f" {message.score:+.2f}"
+                    st.badge(f"{message.label}{score}", color=color, icon=icon)
+                else:
+                    st.badge("not scored", color="gray")
+                st.text(message.text)
+    st.caption(
+        escape_markdown(
+            f"{tile.agent} for the agent · {tile.turns} turns · {tile.conversation_id[:8]}"
+        )
+    )
+    st.button(
+        "Open transcript",
+        key=f"open-{slot}",
+        on_click=open_conversation,
+        args=(tile.conversation_id,),
+        icon=":material/open_in_full:",
+        width="stretch",
+    )
+
+
+def show_wall(snapshot: Snapshot) -> None:
+    """The most recently active conversations side by side, each tile updating in place."""
+    if WALL_SIZE == 0:
+        return
+    st.subheader("Live conversations")
+    ranking = wall_ranking(snapshot.conversations, WALL_LINGER_MS)
+    slots = wall_slots(st.session_state.get("wall_slots", []), ranking, WALL_SIZE)
+    st.session_state["wall_slots"] = slots
+    shown = tuple(cid for cid in slots if cid)
+    if not shown:
+        st.caption("No conversation is active right now.")
+        return
+    documents = load_conversations(REDIS_URL, PREFIX, MAX_ENDED, shown)
+    for row in range(0, len(slots), WALL_COLUMNS):
+        cells = st.columns(WALL_COLUMNS)
+        for offset, cell in enumerate(cells):
+            slot = row + offset
+            if slot >= len(slots):
+                break
+            cid = slots[slot]
+            if cid is None or cid not in documents:
+                continue  # an empty slot keeps its place for the next conversation
+            with cell, st.container(border=True, key=f"wall-{slot}"):
+                show_tile(wall_tile(documents[cid]), slot)
 
 
 def sentiment_over_time(series: pd.DataFrame) -> alt.LayerChart:
-    """Fleet sentiment per 10-second bucket (line) over message volume (bars)."""
+    """Customer sentiment per 10-second bucket (bold line), the agents' (thin), over volume."""
     base = alt.Chart(series).encode(
         alt.X("time:T", title="UTC", scale=alt.Scale(type="utc"), axis=alt.Axis(format="%H:%M"))
     )
+    volume = "chat_messages" if series["chat_messages"].sum() > 0 else "messages"
     bars = base.mark_bar(opacity=0.25, color="#888").encode(
-        alt.Y("messages:Q", title="Messages per 10 s", axis=alt.Axis(orient="right"))
+        alt.Y(f"{volume}:Q", title="Messages per 10 s", axis=alt.Axis(orient="right"))
     )
-    line = base.mark_line(point=True, color="#1f77b4").encode(
-        alt.Y("sentiment_avg:Q", title="Sentiment", scale=alt.Scale(domain=[-1, 1])),
-        tooltip=[
-            alt.Tooltip("time:T", format="%H:%M:%S", formatType="utc", title="UTC"),
-            alt.Tooltip("sentiment_avg:Q", format="+.2f", title="Sentiment"),
-            alt.Tooltip("messages:Q", title="Messages"),
-        ],
+    long = series.melt(
+        id_vars=["time"],
+        value_vars=["customer_sentiment_avg", "agent_sentiment_avg"],
+        var_name="who",
+        value_name="sentiment",
+    ).dropna(subset=["sentiment"])
+    long["who"] = long["who"].map(
+        {"customer_sentiment_avg": "customers", "agent_sentiment_avg": "agents"}
     )
-    return alt.layer(bars, line).resolve_scale(y="independent").properties(height=260)
+    if long.empty:  # an aggregator that does not split by role: all messages
+        long = series[["time", "sentiment_avg"]].rename(columns={"sentiment_avg": "sentiment"})
+        long["who"] = "all messages"
+    lines = (
+        alt.Chart(long)
+        .mark_line(point=True)
+        .encode(
+            alt.X("time:T", scale=alt.Scale(type="utc")),
+            alt.Y("sentiment:Q", title="Sentiment", scale=alt.Scale(domain=[-1, 1])),
+            alt.Color(
+                "who:N",
+                title=None,
+                scale=alt.Scale(
+                    domain=["customers", "agents", "all messages"],
+                    range=["#e4572e", "#9ab", "#1f77b4"],
+                ),
+                legend=alt.Legend(orient="top"),
+            ),
+            alt.StrokeWidth(
+                "who:N",
+                scale=alt.Scale(domain=["customers", "agents", "all messages"], range=[3, 1, 2]),
+                legend=None,
+            ),
+            tooltip=[
+                alt.Tooltip("time:T", format="%H:%M:%S", formatType="utc", title="UTC"),
+                alt.Tooltip("who:N", title="Who"),
+                alt.Tooltip("sentiment:Q", format="+.2f", title="Sentiment"),
+            ],
+        )
+    )
+    return alt.layer(bars, lines).resolve_scale(y="independent").properties(height=260)
 
 
 def sentiment_by(frame: pd.DataFrame, by: str) -> alt.Chart:
-    """Average sentiment per mood or product, coloured from red to green."""
+    """Average customer sentiment per mood or product, coloured from red to green."""
     return (
         alt.Chart(frame)
         .mark_bar()
         .encode(
-            alt.X("sentiment_avg:Q", title="Avg sentiment", scale=alt.Scale(domain=[-1, 1])),
+            alt.X("sentiment_avg:Q", title="Customer sentiment", scale=alt.Scale(domain=[-1, 1])),
             alt.Y(f"{by}:N", title=None, sort="-x"),
             alt.Color(
                 "sentiment_avg:Q",
@@ -172,9 +365,9 @@ def sentiment_by(frame: pd.DataFrame, by: str) -> alt.Chart:
             ),
             tooltip=[
                 alt.Tooltip(f"{by}:N"),
-                alt.Tooltip("sentiment_avg:Q", format="+.2f", title="Avg sentiment"),
+                alt.Tooltip("sentiment_avg:Q", format="+.2f", title="Customer sentiment"),
                 alt.Tooltip("conversations:Q"),
-                alt.Tooltip("messages:Q"),
+                alt.Tooltip("messages:Q", title="Customer messages"),
             ],
         )
         .properties(height=alt.Step(30))
@@ -200,7 +393,7 @@ def conversation_trend(trend: pd.DataFrame) -> alt.LayerChart:
 
 
 def show_fleet(snapshot: Snapshot) -> None:
-    """Sentiment over time for the whole fleet, and by customer mood and product."""
+    """Customer sentiment over time for the whole fleet, and by customer mood and product."""
     left, middle, right = st.columns([2, 1, 1])
     with left:
         st.subheader("Sentiment over time")
@@ -210,7 +403,7 @@ def show_fleet(snapshot: Snapshot) -> None:
             st.altair_chart(sentiment_over_time(snapshot.series), width="stretch")
     for column, by, title in ((middle, "mood", "By mood"), (right, "product", "By product")):
         with column:
-            st.subheader(title)
+            st.subheader(title, help="Average sentiment of customer messages.")
             frame = breakdown(snapshot.fleet, snapshot.conversations, by).dropna(
                 subset=["sentiment_avg"]
             )
@@ -305,17 +498,29 @@ def show_transcript(conversation_id: str) -> None:
         + " · **Agent** "
         + escape_markdown(f"{agent.get('name', '?')} ({document.get('model', '?')})")
     )
+    card = document.get("card") if isinstance(document.get("card"), dict) else {}
+    if card:
+        facts = []
+        for key, value in card.items():
+            for name, fact in value.items() if isinstance(value, dict) else [(key, value)]:
+                if isinstance(fact, str | int | float) and not isinstance(fact, bool):
+                    facts.append(f"{name}: {fact}")
+        st.caption("Scenario card · " + escape_markdown("; ".join(facts)))
     trend = sentiment_trend(document)
     figures, chart = st.columns([1, 2])
     with figures:
-        status = str(document.get("status") or "active")
-        if status == "ended" and document.get("end_reason"):
-            status = f"ended: {document['end_reason']}"
-        st.metric("Status", status)
+        finish = ending(document)
+        st.metric("Status", f"ended: {finish}" if finish else "active")
         turns = document.get("messages")
         st.metric("Turns so far", turns if isinstance(turns, int) else len(messages))
-        avg = document.get("sentiment_avg")
-        st.metric("Avg sentiment", f"{avg:+.2f}" if isinstance(avg, int | float) else "–")
+        first, now = role_sentiment(document, "customer")
+        st.metric(
+            "Customer now",
+            signed(now),
+            delta=None if first is None or now is None else f"{now - first:+.2f} since the start",
+            help=f"Customer at the start {signed(first)}, now {signed(now)}; "
+            f"agent now {signed(role_sentiment(document, 'agent')[1])}.",
+        )
     with chart:
         if not trend.empty:
             st.altair_chart(conversation_trend(trend), width="stretch")
@@ -338,6 +543,8 @@ def show_transcript(conversation_id: str) -> None:
                     st.badge(f"{message.label}{score}", color=color, icon=icon)
                 else:
                     st.badge("not scored", color="gray")
+                if message.remedy:
+                    st.badge(escape_markdown(f"offered: {message.remedy}"), color="violet")
                 st.text(message.text)
 
 
@@ -355,12 +562,16 @@ def live_view() -> None:
     if snapshot.empty:
         st.info(START_HINT, icon=":material/hourglass_empty:")
         return
-    show_headline(headline(snapshot), snapshot.series)
+    figures = headline(snapshot)
+    show_pipeline_warning(figures)
+    show_headline(figures, snapshot.series)
+    show_wall(snapshot)
     show_fleet(snapshot)
     selected = show_conversations(snapshot)
     if selected:
         st.subheader("Transcript")
-        show_transcript(selected)
+        with st.container(key="transcript"):
+            show_transcript(selected)
 
 
 st.title("Support conversations, live")
@@ -375,5 +586,11 @@ with st.sidebar:
         help="Every DASHBOARD_REFRESH_S seconds; turn off to read a transcript at rest.",
     )
     st.caption(f"Refresh every {refresh:g} s." if refresh else "Live refresh is off.")
+    st.caption(
+        f"Live wall: {WALL_SIZE} conversations; an ended one stays "
+        f"{settings.dashboard_wall_linger_s:g} s of chat time."
+        if WALL_SIZE
+        else "Live wall off (DASHBOARD_WALL_SIZE=0)."
+    )
 
 st.fragment(live_view, run_every=refresh if live and refresh else None)()

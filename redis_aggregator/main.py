@@ -1,7 +1,8 @@
 """Redis aggregator: live per-conversation and fleet aggregates of the scored chat stream.
 
-Reads `chat-scored`, keeps the aggregates in Kafka-backed state and writes them to Redis
-(keys in docs/redis-keys.md). Wiring only; the logic lives in `supportsim.aggregates`.
+Reads `chat-scored`, keeps the aggregates in Kafka-backed state and writes them to Redis; also
+counts the `chat` and dead-letter topics into the `pipeline` key (keys in docs/redis-keys.md).
+Wiring only; the logic lives in `supportsim.aggregates`.
 """
 
 from supportsim.aggregates import AggregatorSettings, build_aggregator

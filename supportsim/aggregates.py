@@ -16,14 +16,17 @@ replay rewrites byte-identical Redis values.
 
 Sinks write whole values (SET, never INCR) at each checkpoint, before the offsets commit; when
 Redis is down they signal backpressure, so the application pauses, keeps its place in the group
-and retries with a capped exponential backoff, and nothing is lost. Every key is documented in
-docs/redis-keys.md.
+and retries with a capped exponential backoff, and nothing is lost. A :class:`PipelineReader`
+thread beside the application counts the chat and dead-letter topics (how far scoring is behind).
+Every key is documented in docs/redis-keys.md.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import threading
+import time
 from abc import abstractmethod
 from dataclasses import dataclass
 from datetime import timedelta
@@ -37,10 +40,11 @@ from quixstreams import Application, State
 from quixstreams.sinks.base import BatchingSink, SinkBackpressureError, SinkBatch
 
 from supportsim.bots.conversation import turn_order_problem
-from supportsim.messages import ScoredMessage, now_ms
+from supportsim.messages import ChatMessage, DeadLetter, ScoredMessage, now_ms, parse
 from supportsim.redis_keys import RedisKeys
 from supportsim.settings import RedisSettings, ServiceSettings
 from supportsim.streaming import make_app, validated
+from supportsim.topics import Topics
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +52,8 @@ SCORE_SCALE = 1_000_000  # scores are summed in millionths: integer sums do not 
 MAX_SENTIMENTS = 1000  # per-message sentiments kept per conversation (the latest ones)
 FLEET_KEY = "fleet"
 CONVERSATION_KEY = "conversation"
+ROLES = ("customer", "agent")
+OUTCOMES = ("resolved", "unresolved", "gave_up")
 
 # Redis answers that mean "not now": wait and retry; anything else is a bug worth crashing on.
 REDIS_UNAVAILABLE = (
@@ -183,7 +189,22 @@ def fold_message(aggregate: dict | None, message: dict, limits: Limits) -> Folde
             "ended_ms": None,
             "end_reason": None,
         }
+    if "roles" not in aggregate:  # state from before per-role totals: rebuild from its sentiments
+        aggregate["roles"] = role_totals(aggregate["sentiments"])
+    aggregate.setdefault("card", None)
+    aggregate.setdefault("outcome", None)
+    aggregate.setdefault("remedy", None)
     points = score_micro(sentiment["score"])
+    role = message["role"]
+    _add_role_score(aggregate["roles"], role, sentiment["score"])
+    card = message.get("card")
+    if isinstance(card, dict):
+        aggregate["card"] = card
+    remedy = message.get("remedy") if role == "agent" else None
+    if isinstance(remedy, str) and remedy:
+        aggregate["remedy"] = remedy
+    else:
+        remedy = None
     count = aggregate["messages"] + 1
     aggregate["customer"] = message["customer"]
     aggregate["agent"] = message["agent"]
@@ -208,23 +229,27 @@ def fold_message(aggregate: dict | None, message: dict, limits: Limits) -> Folde
         }
     )
     del aggregate["sentiments"][: -limits.sentiments]
-    aggregate["recent"].append(
-        {
-            "message_id": message["message_id"],
-            "turn": turn,
-            "role": message["role"],
-            "text": message["text"],
-            "label": sentiment["label"],
-            "score": sentiment["score"],
-            "timestamp_ms": message["timestamp_ms"],
-        }
-    )
+    recent = {
+        "message_id": message["message_id"],
+        "turn": turn,
+        "role": message["role"],
+        "text": message["text"],
+        "label": sentiment["label"],
+        "score": sentiment["score"],
+        "timestamp_ms": message["timestamp_ms"],
+    }
+    if remedy is not None:
+        recent["remedy"] = remedy
+    aggregate["recent"].append(recent)
     del aggregate["recent"][: -limits.recent_messages]
     ended = bool(message.get("final"))
     aggregate["status"] = "ended" if ended else "active"
     if ended:
         aggregate["end_reason"] = message.get("end_reason")
         aggregate["ended_ms"] = message["timestamp_ms"]
+        outcome = message.get("outcome")
+        aggregate["outcome"] = outcome if isinstance(outcome, str) and outcome else None
+    roles = aggregate["roles"]
     contribution = {
         "conversation_id": message["conversation_id"],
         "mood": message["customer"]["mood"],
@@ -240,8 +265,35 @@ def fold_message(aggregate: dict | None, message: dict, limits: Limits) -> Folde
         "timestamp_ms": message["timestamp_ms"],
         "conversation_score_micro": aggregate["sentiment_sum_micro"],
         "conversation_messages": count,
+        "role": role,
+        "customer_last_micro": _last_micro(roles, "customer"),
+        "agent_last_micro": _last_micro(roles, "agent"),
     }
     return Folded(aggregate, contribution)
+
+
+def role_totals(sentiments: list[dict]) -> dict:
+    """Per-role sentiment totals (`roles` of a conversation) from its per-message sentiments."""
+    roles: dict = {}
+    for point in sentiments:
+        if point.get("role") in ROLES:
+            _add_role_score(roles, point["role"], point["score"])
+    return roles
+
+
+def _add_role_score(roles: dict, role: str, score: float) -> None:
+    totals = roles.setdefault(
+        role, {"messages": 0, "sentiment_sum_micro": 0, "sentiment_first": score}
+    )
+    totals["messages"] += 1
+    totals["sentiment_sum_micro"] += score_micro(score)
+    totals["sentiment_avg"] = mean(totals["sentiment_sum_micro"], totals["messages"], SCORE_SCALE)
+    totals["sentiment_last"] = score
+
+
+def _last_micro(roles: dict, role: str) -> int | None:
+    totals = roles.get(role)
+    return None if totals is None else score_micro(totals["sentiment_last"])
 
 
 def ended_marker(aggregate: dict) -> dict:
@@ -270,10 +322,19 @@ def conversation_record(aggregate: dict, value: bytes) -> dict:
 
 # --------------------------------------------------------------------------- fleet
 
+# a series bucket in state: counts by message time, padded when read from older state
+SERIES_FIELDS = (
+    "messages",
+    "score_micro",
+    "completion_tokens",
+    "customer_messages",
+    "customer_score_micro",
+)
+
 
 def empty_fleet() -> dict:
     """The fleet aggregate before any message."""
-    return {
+    fleet = {
         "started": 0,
         "ended": 0,
         "abandoned": 0,
@@ -285,11 +346,20 @@ def empty_fleet() -> dict:
         "end_reasons": {},
         "by_mood": {},
         "by_product": {},
-        # conversation_id -> [score_micro, messages, updated_ms, mood, product]
+        # conversation_id -> [score_micro, messages, updated_ms, mood, product,
+        #                     customer_last_micro, agent_last_micro]
         "active": {},
-        "series": {},  # str(bucket_ms) -> [messages, score_micro, completion_tokens]
+        "series": {},  # str(bucket_ms) -> counts in the order of SERIES_FIELDS
         "newest_ms": None,
     }
+    _upgrade(fleet)
+    return fleet
+
+
+def _upgrade(fleet: dict) -> dict:
+    """Add what a fleet aggregate from older state lacks (per-role totals)."""
+    fleet.setdefault("roles", {role: [0, 0] for role in ROLES})  # role -> [messages, score_micro]
+    return fleet
 
 
 def fold_contribution(fleet: dict | None, contribution: dict, limits: Limits) -> dict:
@@ -299,10 +369,11 @@ def fold_contribution(fleet: dict | None, contribution: dict, limits: Limits) ->
     conversation silent for longer than the retention leaves the active set and counts as
     abandoned until it speaks again.
     """
-    fleet = fleet if fleet is not None else empty_fleet()
+    fleet = _upgrade(fleet) if fleet is not None else empty_fleet()
     conversation_id = contribution["conversation_id"]
     points = contribution["score_micro"]
     timestamp = contribution["timestamp_ms"]
+    customer = contribution.get("role") == "customer"
     groups = (
         fleet["by_mood"].setdefault(contribution["mood"], _empty_group()),
         fleet["by_product"].setdefault(contribution["product"], _empty_group()),
@@ -318,9 +389,16 @@ def fold_contribution(fleet: dict | None, contribution: dict, limits: Limits) ->
     fleet["prompt_tokens"] += contribution["prompt_tokens"]
     fleet["completion_tokens"] += contribution["completion_tokens"]
     fleet["latency_ms_total"] += contribution["latency_ms"]
+    if contribution.get("role") in ROLES:
+        totals = fleet["roles"].setdefault(contribution["role"], [0, 0])
+        totals[0] += 1
+        totals[1] += points
     for group in groups:
         group["messages"] += 1
         group["score_micro"] += points
+        if customer:
+            group["customer_messages"] = group.get("customer_messages", 0) + 1
+            group["customer_score_micro"] = group.get("customer_score_micro", 0) + points
     if contribution["ended"]:
         fleet["ended"] += 1
         reason = contribution["end_reason"] or "unknown"
@@ -333,24 +411,52 @@ def fold_contribution(fleet: dict | None, contribution: dict, limits: Limits) ->
             timestamp,
             contribution["mood"],
             contribution["product"],
+            contribution.get("customer_last_micro"),
+            contribution.get("agent_last_micro"),
         ]
+    previous_newest = _series_newest(fleet)
     previous = fleet["newest_ms"]
-    newest = timestamp if previous is None else max(previous, timestamp)
-    new_bucket = previous is not None and newest // limits.bucket_ms != previous // limits.bucket_ms
-    fleet["newest_ms"] = newest
-    bucket = timestamp - timestamp % limits.bucket_ms
-    if bucket > _oldest_dropped_bucket(newest, limits):
-        counts = fleet["series"].setdefault(str(bucket), [0, 0, 0])
+    fleet["newest_ms"] = timestamp if previous is None else max(previous, timestamp)
+    counts = _bucket(fleet, timestamp, limits)
+    if counts is not None:
         counts[0] += 1
         counts[1] += points
         counts[2] += contribution["completion_tokens"]
-    if new_bucket:
-        _forget_old(fleet, limits)
+        if customer:
+            counts[3] += 1
+            counts[4] += points
+    _after_time_moved(fleet, previous_newest, limits)
     return fleet
 
 
 def _empty_group() -> dict:
     return {"conversations": 0, "messages": 0, "score_micro": 0}
+
+
+def _series_newest(fleet: dict) -> int | None:
+    """The series window ends at the newest message."""
+    return fleet["newest_ms"]
+
+
+def _bucket(fleet: dict, timestamp: int, limits: Limits) -> list[int] | None:
+    """The counts of the bucket holding `timestamp`; None when it is older than the window."""
+    newest = _series_newest(fleet)
+    bucket = timestamp - timestamp % limits.bucket_ms
+    if newest is not None and bucket <= _oldest_dropped_bucket(newest, limits):
+        return None
+    counts = fleet["series"].setdefault(str(bucket), [0] * len(SERIES_FIELDS))
+    counts.extend([0] * (len(SERIES_FIELDS) - len(counts)))
+    return counts
+
+
+def _after_time_moved(fleet: dict, previous_newest: int | None, limits: Limits) -> None:
+    newest = _series_newest(fleet)
+    if (
+        previous_newest is not None
+        and newest is not None
+        and newest // limits.bucket_ms != previous_newest // limits.bucket_ms
+    ):
+        _forget_old(fleet, limits)
 
 
 def _oldest_dropped_bucket(newest_ms: int, limits: Limits) -> int:
@@ -360,25 +466,33 @@ def _oldest_dropped_bucket(newest_ms: int, limits: Limits) -> int:
 
 def _forget_old(fleet: dict, limits: Limits) -> None:
     """Drop series buckets past the window and conversations silent past the retention."""
-    cutoff = _oldest_dropped_bucket(fleet["newest_ms"], limits)
+    cutoff = _oldest_dropped_bucket(_series_newest(fleet), limits)
     for bucket in [b for b in fleet["series"] if int(b) <= cutoff]:
         del fleet["series"][bucket]
+    if fleet["newest_ms"] is None:
+        return
     silent_since = fleet["newest_ms"] - limits.retention_ms
-    for conversation_id, (_, _, updated_ms, _, _) in list(fleet["active"].items()):
-        if updated_ms <= silent_since:
+    for conversation_id, entry in list(fleet["active"].items()):
+        if entry[2] <= silent_since:
             del fleet["active"][conversation_id]
             fleet["abandoned"] += 1
 
 
 def fleet_view(fleet: dict) -> dict:
     """The `fleet` value in Redis for a fleet aggregate."""
+    fleet = _upgrade(fleet)
     count = fleet["messages"]
     active = fleet["active"]
-    averages = [points / messages for points, messages, *_ in active.values() if messages]
+    averages = [entry[0] / entry[1] for entry in active.values() if entry[1]]
     active_by: dict[str, dict[str, int]] = {"mood": {}, "product": {}}
-    for *_, mood, product in active.values():
+    latest: dict[str, list[int]] = {role: [] for role in ROLES}
+    for entry in active.values():
+        mood, product = entry[3], entry[4]
         active_by["mood"][mood] = active_by["mood"].get(mood, 0) + 1
         active_by["product"][product] = active_by["product"].get(product, 0) + 1
+        for role, value in zip(ROLES, entry[5:7], strict=False):
+            if value is not None:
+                latest[role].append(value)
 
     def groups(name: str) -> dict:
         return {
@@ -387,10 +501,26 @@ def fleet_view(fleet: dict) -> dict:
                 "active": active_by[name].get(value, 0),
                 "messages": group["messages"],
                 "sentiment_avg": mean(group["score_micro"], group["messages"], SCORE_SCALE),
+                "customer_messages": group.get("customer_messages", 0),
+                "customer_sentiment_avg": mean(
+                    group.get("customer_score_micro", 0),
+                    group.get("customer_messages", 0),
+                    SCORE_SCALE,
+                ),
             }
             for value, group in fleet[f"by_{name}"].items()
         }
 
+    roles = {}
+    for role in ROLES:
+        messages, points = fleet["roles"].get(role, [0, 0])
+        roles[role] = {
+            "messages": messages,
+            "sentiment_avg": mean(points, messages, SCORE_SCALE),
+            # latest score of this role in each active conversation; integer sum, order-free
+            "sentiment_now": mean(sum(latest[role]), len(latest[role]), SCORE_SCALE),
+            "sentiment_now_conversations": len(latest[role]),
+        }
     return {
         "active": len(active),
         "ended": fleet["ended"],
@@ -408,27 +538,42 @@ def fleet_view(fleet: dict) -> dict:
         "end_reasons": fleet["end_reasons"],
         "by_mood": groups("mood"),
         "by_product": groups("product"),
+        "roles": roles,
         "updated_ms": fleet["newest_ms"],
     }
 
 
 def series_view(fleet: dict, limits: Limits) -> list[dict]:
     """The `series:sentiment` value in Redis: buckets with messages, oldest first."""
-    if fleet["newest_ms"] is None:
+    newest = _series_newest(fleet)
+    if newest is None:
         return []
-    cutoff = _oldest_dropped_bucket(fleet["newest_ms"], limits)
-    return [
-        {
-            "bucket_ms": int(bucket),
-            "messages": messages,
-            "sentiment_avg": mean(points, messages, SCORE_SCALE),
-            "completion_tokens": tokens,
-        }
-        for bucket, (messages, points, tokens) in sorted(
-            fleet["series"].items(), key=lambda item: int(item[0])
+    cutoff = _oldest_dropped_bucket(newest, limits)
+    view = []
+    for bucket, stored in sorted(fleet["series"].items(), key=lambda item: int(item[0])):
+        if int(bucket) <= cutoff:
+            continue
+        padded = [*stored, *[0] * (len(SERIES_FIELDS) - len(stored))]
+        counts = dict(zip(SERIES_FIELDS, padded, strict=True))
+        messages, customers = counts["messages"], counts["customer_messages"]
+        view.append(
+            {
+                "bucket_ms": int(bucket),
+                "messages": messages,
+                "sentiment_avg": mean(counts["score_micro"], messages, SCORE_SCALE),
+                "completion_tokens": counts["completion_tokens"],
+                "customer_messages": customers,
+                "customer_sentiment_avg": mean(
+                    counts["customer_score_micro"], customers, SCORE_SCALE
+                ),
+                "agent_sentiment_avg": mean(
+                    counts["score_micro"] - counts["customer_score_micro"],
+                    messages - customers,
+                    SCORE_SCALE,
+                ),
+            }
         )
-        if int(bucket) > cutoff
-    ]
+    return view
 
 
 # --------------------------------------------------------------------------- Redis
@@ -559,8 +704,12 @@ class FleetSink(RedisSink):
 # --------------------------------------------------------------------------- pipeline
 
 
-def build_aggregator(settings: AggregatorSettings) -> Application:
-    """The aggregator application: scored messages in, Redis values out (call `.run()`)."""
+def build_aggregator(settings: AggregatorSettings, *, read_pipeline: bool = True) -> Application:
+    """The aggregator application: scored messages in, Redis values out (call `.run()`).
+
+    With `read_pipeline`, a :class:`PipelineReader` thread also counts the chat and dead-letter
+    topics into the `pipeline` key.
+    """
     group = "redis-aggregator"
     app, topics = make_app(
         settings,
@@ -623,4 +772,185 @@ def build_aggregator(settings: AggregatorSettings) -> Application:
     fleet.apply(per_fleet, stateful=True).filter(lambda f: f is not None).sink(
         FleetSink(url, keys, limits, settings.redis_retry_max_s)
     )
+    if read_pipeline:
+        PipelineReader(app, topics, keys, url, limits).start()
     return app
+
+
+# --------------------------------------------------------------------------- pipeline figures
+
+PIPELINE_WRITE_S = 1.0  # seconds between writes of the `pipeline` key
+
+
+def empty_pipeline() -> dict:
+    """What the pipeline reader keeps: chat and dead-letter counts, per bucket and in total."""
+    return {
+        "chat_messages": 0,
+        "chat_newest_ms": None,
+        "dead_letters": 0,
+        "dead_letter_newest_ms": None,
+        "turns": {},  # conversation_id -> [last turn, ended] of the chat side
+        "series": {},  # str(bucket_ms) -> [chat messages, chat completion tokens, dead letters]
+    }
+
+
+def fold_chat(pipeline: dict, message: dict, limits: Limits) -> bool:
+    """Count one valid chat message (a `ChatMessage` as a dict) once per (conversation, turn).
+
+    The same turn-order rules as the scored side, so `chat_messages - messages` (fleet) is
+    how many chat messages are not scored or not aggregated yet. True when counted.
+    """
+    cid, turn = message["conversation_id"], message["turn"]
+    last, ended = pipeline["turns"].get(cid, (None, False))
+    if turn_order_problem(turn, last, ended) or (last is not None and turn <= last):
+        return False
+    pipeline["turns"][cid] = [turn, bool(message.get("final"))]
+    timestamp = message["timestamp_ms"]
+    pipeline["chat_messages"] += 1
+    newest = pipeline["chat_newest_ms"]
+    pipeline["chat_newest_ms"] = timestamp if newest is None else max(newest, timestamp)
+    counts = _pipeline_bucket(pipeline, timestamp, limits)
+    if counts is not None:
+        counts[0] += 1
+        counts[1] += message["completion_tokens"]
+    return True
+
+
+def fold_dead_letter(pipeline: dict, timestamp_ms: int, limits: Limits) -> None:
+    """Count one record of the dead-letter topic at its time."""
+    pipeline["dead_letters"] += 1
+    newest = pipeline["dead_letter_newest_ms"]
+    pipeline["dead_letter_newest_ms"] = (
+        timestamp_ms if newest is None else max(newest, timestamp_ms)
+    )
+    counts = _pipeline_bucket(pipeline, timestamp_ms, limits)
+    if counts is not None:
+        counts[2] += 1
+
+
+def _pipeline_bucket(pipeline: dict, timestamp: int, limits: Limits) -> list[int] | None:
+    times = [t for t in (pipeline["chat_newest_ms"], pipeline["dead_letter_newest_ms"]) if t]
+    cutoff = _oldest_dropped_bucket(max(times), limits) if times else None
+    bucket = timestamp - timestamp % limits.bucket_ms
+    if cutoff is not None and bucket <= cutoff:
+        return None
+    return pipeline["series"].setdefault(str(bucket), [0, 0, 0])
+
+
+def forget_old_pipeline(pipeline: dict, limits: Limits) -> None:
+    """Drop buckets past the series window and conversations silent past the retention."""
+    times = [t for t in (pipeline["chat_newest_ms"], pipeline["dead_letter_newest_ms"]) if t]
+    if not times:
+        return
+    cutoff = _oldest_dropped_bucket(max(times), limits)
+    for bucket in [b for b in pipeline["series"] if int(b) <= cutoff]:
+        del pipeline["series"][bucket]
+
+
+def pipeline_view(pipeline: dict, limits: Limits) -> dict:
+    """The `pipeline` value in Redis (docs/redis-keys.md)."""
+    times = [t for t in (pipeline["chat_newest_ms"], pipeline["dead_letter_newest_ms"]) if t]
+    cutoff = _oldest_dropped_bucket(max(times), limits) if times else None
+    return {
+        "chat_messages": pipeline["chat_messages"],
+        "chat_newest_ms": pipeline["chat_newest_ms"],
+        "dead_letters": pipeline["dead_letters"],
+        "dead_letter_newest_ms": pipeline["dead_letter_newest_ms"],
+        "series": [
+            {
+                "bucket_ms": int(bucket),
+                "chat_messages": chat,
+                "chat_completion_tokens": tokens,
+                "dead_letters": dead,
+            }
+            for bucket, (chat, tokens, dead) in sorted(
+                pipeline["series"].items(), key=lambda item: int(item[0])
+            )
+            if cutoff is None or int(bucket) > cutoff
+        ],
+    }
+
+
+def dead_letter_time(value: bytes | None, record_ms: int) -> int:
+    """A dead letter's `timestamp_ms`, else the Kafka record's time."""
+    try:
+        record = orjson.loads(value) if value else None
+    except orjson.JSONDecodeError:
+        record = None
+    when = record.get("timestamp_ms") if isinstance(record, dict) else None
+    if isinstance(when, bool) or not isinstance(when, int) or when <= 0:
+        return record_ms
+    return when
+
+
+class PipelineReader:
+    """Counts what the bots wrote to `chat` and what went to the dead-letter topic.
+
+    Runs beside the aggregator in its own thread with its own consumer: no consumer group, no
+    commits, every partition read from the start after each restart, so the counts follow from
+    the topics alone and every replica writes the same `pipeline` value. Kept out of the
+    exactly-once application on purpose: a topic read there joins its partition buffers, and
+    a Redis outage (backpressure) then drops buffered messages it never processed.
+    """
+
+    def __init__(self, app: Application, topics: Topics, keys: RedisKeys, url: str, limits: Limits):
+        self._app = app
+        self._chat = topics.chat.name
+        self._dead = topics.dead_letters.name
+        self._keys = keys
+        self._url = url
+        self._limits = limits
+        self.pipeline = empty_pipeline()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start reading in a daemon thread (it ends with the process, or on `stop`)."""
+        self._thread = threading.Thread(target=self._run, name="pipeline-reader", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Ask the thread to stop."""
+        self._stop.set()
+
+    def fold(self, topic: str, value: bytes | None, record_ms: int) -> None:
+        """Count one record of either topic; bad chat values are the scorer's to report."""
+        if topic == self._dead:
+            fold_dead_letter(self.pipeline, dead_letter_time(value, record_ms), self._limits)
+            return
+        parsed = parse(ChatMessage, value, service="redis_aggregator", source_topic=topic)
+        if not isinstance(parsed, DeadLetter):
+            fold_chat(self.pipeline, parsed.model_dump(), self._limits)
+
+    def _run(self) -> None:
+        from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+
+        client = redis.Redis.from_url(self._url, socket_timeout=5, socket_connect_timeout=2)
+        while not self._stop.is_set():
+            try:
+                with self._app.get_consumer(auto_commit_enable=False) as consumer:
+                    partitions = []
+                    for topic in (self._chat, self._dead):
+                        metadata = consumer.list_topics(topic, timeout=10).topics[topic]
+                        partitions += [
+                            TopicPartition(topic, p, OFFSET_BEGINNING) for p in metadata.partitions
+                        ]
+                    consumer.assign(partitions)
+                    self.pipeline = empty_pipeline()
+                    written = 0.0
+                    while not self._stop.is_set():
+                        for message in consumer.consume(num_messages=1000, timeout=0.5):
+                            if message.error() is None:
+                                self.fold(message.topic(), message.value(), message.timestamp()[1])
+                        if time.monotonic() - written >= PIPELINE_WRITE_S:
+                            forget_old_pipeline(self.pipeline, self._limits)
+                            value = encode(pipeline_view(self.pipeline, self._limits))
+                            try:
+                                client.set(self._keys.pipeline, value)
+                                written = time.monotonic()
+                            except REDIS_UNAVAILABLE as exc:
+                                logger.warning("pipeline figures not written: %s", exc)
+                                written = time.monotonic()
+            except Exception:  # a reader problem must never stop the aggregator
+                logger.exception("pipeline reader failed; starting again in 5 s")
+                self._stop.wait(5)

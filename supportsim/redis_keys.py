@@ -34,3 +34,8 @@ class RedisKeys:
     def series(self) -> str:
         """The JSON list of the sentiment time series."""
         return f"{self.prefix}series:sentiment"
+
+    @property
+    def pipeline(self) -> str:
+        """The JSON value of the chat and dead-letter counts (how far scoring is behind)."""
+        return f"{self.prefix}pipeline"

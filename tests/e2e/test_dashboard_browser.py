@@ -59,7 +59,9 @@ def site(redis_url, tmp_path_factory):
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     now = now_ms()
     hostile = sample_conversation(0, turns=3, started_ms=now - 10_000, texts=HOSTILE_TEXTS)
-    others = [sample_conversation(i, started_ms=now - 300_000) for i in range(1, 6)]
+    hostile["customer"]["name"] = "Dana <b>**bold**</b>"
+    hostile["card"]["wants"] = f"a refund {IMAGE} :red[today]"
+    others = [sample_conversation(i, started_ms=now - 300_000 + i * 1000) for i in range(1, 6)]
     others += [
         sample_conversation(i, status="ended", end_reason="goodbye", started_ms=now - 600_000)
         for i in range(6, 9)
@@ -89,11 +91,57 @@ def test_page_shows_a_conversation_and_runs_no_model_text(site):
             "Array.from(document.scripts).some(s => s.textContent.includes('__pwned'))"
         )
         # the live view redraws every second: wait for each part rather than read one moment
-        wait_for_text(page, hostile["customer"]["name"])
-        for heading in ("Active", "Finished", "Sentiment over time", "By mood", "Conversations"):
+        wait_for_text(page, hostile["customer"]["name"])  # persona and card, literally
+        wait_for_text(page, f"Wants: {hostile['card']['wants']}")
+        for heading in (
+            "Active",
+            "Finished",
+            "Customer sentiment",
+            "Scoring behind",
+            "Live conversations",
+            "Sentiment over time",
+            "By mood",
+            "Conversations",
+        ):
             wait_for_text(page, heading)
+        # the wall: four tiles side by side, customer and agent bubbles distinct
+        tiles = page.locator("[class*='st-key-wall-']")
+        tiles.first.wait_for(state="visible")
+        assert tiles.count() == 4
+        boxes = [tiles.nth(i).bounding_box() for i in range(4)]
+        assert len({round(b["y"]) for b in boxes}) == 1  # one row
+        assert boxes == sorted(boxes, key=lambda b: b["x"])
+        tile = tile_of(page, hostile)
+        assert tile.locator("[aria-label='Chat message from user']").count() == 2  # customer
+        assert tile.locator("[aria-label='Chat message from assistant']").count() == 1
         path = screenshot(page, "dashboard")
         assert path.stat().st_size > 20_000
+        assert page.problems == []
+
+
+def tile_of(page, document):
+    """The wall tile that shows `document` (found by the short id in its caption)."""
+    return page.locator("[class*='st-key-wall-']").filter(has_text=document["conversation_id"][:8])
+
+
+def test_a_new_message_appears_in_its_wall_tile_without_a_reload(site):
+    url, client, prefix, _, documents, _ = site
+    keys = RedisKeys(prefix)
+    target = documents[5]  # on the wall, and not the open transcript's conversation
+    with open_page(url, wait_for="Live conversations") as page:
+        page.evaluate("window.__marker = 'same page'")
+        tile = tile_of(page, target)
+        tile.wait_for(state="visible", timeout=30_000)
+        document = json.loads(client.get(keys.conversation(target["conversation_id"])))
+        latest = {**document["recent"][-1], "turn": 6, "role": "customer", "message_id": new_id()}
+        latest.update(text="Is anyone there? <i>Hello?</i>", timestamp_ms=now_ms(), score=-0.7)
+        latest["label"] = "negative"
+        document["recent"].append(latest)
+        document.update(messages=7, last_turn=6, updated_ms=latest["timestamp_ms"])
+        write_sample(client, prefix, [document])
+        tile.get_by_text("Is anyone there? <i>Hello?</i>").wait_for(timeout=30_000)
+        tile.get_by_text("negative -0.70").wait_for(timeout=30_000)
+        assert page.evaluate("window.__marker") == "same page"
         assert page.problems == []
 
 

@@ -21,6 +21,7 @@ from supportsim.dashboard_data import (
     RedisKeys,
     sample_conversation,
     sample_fleet,
+    sample_pipeline,
     sample_series,
     write_sample,
 )
@@ -81,7 +82,30 @@ def all_text(app: AppTest) -> str:
 
 def transcript_texts(app: AppTest) -> list[str]:
     """The message texts of the open transcript, in order."""
-    return [text.value for bubble in app.chat_message for text in bubble.text]
+    return [text.value for bubble in transcript_bubbles(app) for text in bubble.text]
+
+
+def transcript_bubbles(app: AppTest):
+    """The chat bubbles of the open transcript (none when no transcript is open)."""
+    try:
+        return app.get_by_key("transcript").chat_message
+    except KeyError:
+        return []
+
+
+def tiles(app: AppTest) -> list:
+    """The wall's tiles, in slot order."""
+    return [block for block in app.container if (block.key or "").startswith("wall-")]
+
+
+def tile_texts(tile) -> list[str]:
+    """The message texts in one wall tile, oldest first."""
+    return [text.value for bubble in tile.chat_message for text in bubble.text]
+
+
+def tile_marks(tile) -> str:
+    """The markdown (persona line, badges, captions) of one tile."""
+    return " ".join(e.value for e in [*tile.markdown, *tile.caption])
 
 
 def table(app: AppTest):
@@ -90,12 +114,16 @@ def table(app: AppTest):
 
 
 def write(redis_client, prefix, documents, *, with_fleet=True, series=True):
+    """Write documents and, as the aggregator would, fleet, series and pipeline counts."""
+    now = now_ms()
+    fleet = sample_fleet(documents, now) if with_fleet else None
     write_sample(
         redis_client,
         prefix,
         documents,
-        fleet=sample_fleet(documents) if with_fleet else None,
-        series=sample_series(now_ms()) if series else None,
+        fleet=fleet,
+        series=sample_series(now) if series else None,
+        pipeline=sample_pipeline(now, fleet["messages"]) if fleet and series else None,
     )
 
 
@@ -146,7 +174,7 @@ def test_a_few_conversations(app_env, redis_client, prefix, count):
     assert figures["Active"] == str(count)
     assert figures["Finished"] == "0"
     assert figures["Messages"] == str(sum(d["messages"] for d in documents))
-    assert figures["Sentiment now"].startswith(("+", "-"))
+    assert figures["Customer sentiment"].startswith(("+", "-"))
     assert float(figures["Msgs / min"]) > 0 and float(figures["Tokens / s"]) > 0
     shown = table(app)
     assert sorted(shown["conversation_id"]) == sorted(d["conversation_id"] for d in documents)
@@ -161,7 +189,7 @@ def test_transcript_marks_speakers_and_sentiment(app_env, redis_client, prefix):
     document["recent"][3]["label"] = None  # a message not scored (yet)
     write(redis_client, prefix, [document])
     app = run_app()
-    bubbles = app.chat_message
+    bubbles = transcript_bubbles(app)
     assert [b.name for b in bubbles] == ["user", "assistant", "user", "assistant"]
     assert bubbles[0].avatar != bubbles[1].avatar
     for bubble, message in zip(bubbles, document["recent"], strict=True):
@@ -190,7 +218,7 @@ def test_new_messages_appear_on_the_next_render(app_env, redis_client, prefix):
     document = sample_conversation(2, turns=2)
     write(redis_client, prefix, [document])
     app = run_app()
-    assert len(app.chat_message) == 2
+    assert len(transcript_bubbles(app)) == 2
     document["recent"].append({**document["recent"][-1], "turn": 2, "text": "Any news?"})
     document["messages"] = 3
     document["updated_ms"] += 5000
@@ -210,7 +238,8 @@ def test_a_thousand_conversations(app_env, redis_client, prefix):
     assert metrics(app)["Active"] == "1,000"
     assert len(table(app)) == 1000
     assert len(app.selectbox[0].options) == 1000
-    assert len(app.chat_message) == 6  # one transcript, not a thousand widgets
+    assert len(transcript_bubbles(app)) == 6  # one transcript, not a thousand widgets
+    assert len(tiles(app)) == 4 and all(len(tile.chat_message) == 6 for tile in tiles(app))
     assert "1,000 of 1,000 conversations shown" in all_text(app)
 
 
@@ -232,6 +261,8 @@ def test_ended_conversations_with_their_end_reason(app_env, redis_client, prefix
     assert reasons in all_text(app).replace("\\", "")  # shown with markdown escapes
     app.selectbox[0].select(ended[1]["conversation_id"]).run()
     assert metrics(app)["Status"] == "ended: turn_limit"
+    customer = [p["score"] for p in ended[1]["sentiments"] if p["role"] == "customer"]
+    assert metrics(app)["Customer now"] == f"{customer[-1]:+.2f}"
 
 
 def test_finished_list_is_capped_but_counted(app_env, redis_client, prefix, monkeypatch):
@@ -294,7 +325,7 @@ def test_search_and_no_match(app_env, mixed):
     app.text_input(key="search").input("nobody by this name").run()
     assert table(app).empty
     assert "No conversation matches" in all_text(app)
-    assert not app.chat_message
+    assert not transcript_bubbles(app)
 
 
 def test_selecting_a_conversation_opens_its_transcript(app_env, mixed):
@@ -302,7 +333,7 @@ def test_selecting_a_conversation_opens_its_transcript(app_env, mixed):
     target = mixed[3]
     app.selectbox[0].select(target["conversation_id"]).run()
     assert transcript_texts(app) == [m["text"] for m in target["recent"]]
-    assert target["customer"]["name"] in app.main.markdown[0].value
+    assert target["customer"]["name"] in app.get_by_key("transcript").markdown[0].value
 
 
 def test_csv_download_holds_the_conversations_in_view(app_env, mixed, monkeypatch):
@@ -409,3 +440,169 @@ def test_store_raises_redis_errors_for_the_page_to_report(prefix):
     )
     with pytest.raises(redis.ConnectionError):
         DashboardStore.from_settings(settings).snapshot()
+
+
+# --- the live wall
+
+
+@pytest.mark.parametrize("count", [1, 3, 6])
+def test_the_wall_shows_the_most_recently_active_conversations_side_by_side(
+    app_env, redis_client, prefix, count
+):
+    now = now_ms()
+    documents = [sample_conversation(i, started_ms=now - 90_000 + i * 1000) for i in range(count)]
+    write(redis_client, prefix, documents)
+    app = run_app()
+    shown = tiles(app)
+    assert len(shown) == min(count, 4)
+    newest = sorted(documents, key=lambda d: d["updated_ms"], reverse=True)[:4]
+    for tile, document in zip(shown, newest, strict=True):
+        marks = tile_marks(tile)
+        assert document["customer"]["name"] in marks and document["customer"]["mood"] in marks
+        assert escape(document["card"]["wants"]) in marks  # the card summary
+        assert document["conversation_id"][:8] in marks
+        assert tile_texts(tile) == [m["text"] for m in document["recent"]]
+        bubbles = tile.chat_message
+        assert [b.name for b in bubbles] == ["user", "assistant"] * 3  # customer, agent
+        for bubble, message in zip(bubbles, document["recent"], strict=True):
+            badge = " ".join(e.value for e in bubble.markdown)
+            assert f"{message['label']} {message['score']:+.2f}" in badge
+
+
+def escape(text: str) -> str:
+    """How the page escapes model text for markdown (every ASCII punctuation mark)."""
+    from supportsim.dashboard_data import escape_markdown
+
+    return escape_markdown(text)
+
+
+def test_a_tile_shows_the_customer_sentiment_at_the_start_and_now(app_env, redis_client, prefix):
+    document = sample_conversation(2, turns=5)
+    customer = [p["score"] for p in document["sentiments"] if p["role"] == "customer"]
+    write(redis_client, prefix, [document])
+    (tile,) = tiles(run_app())
+    assert f"customer {customer[0]:+.2f} → {customer[-1]:+.2f}" in tile_marks(tile)
+
+
+def test_the_wall_size_is_a_setting(app_env, redis_client, prefix, monkeypatch):
+    write(redis_client, prefix, [sample_conversation(i) for i in range(5)])
+    monkeypatch.setenv("DASHBOARD_WALL_SIZE", "2")
+    assert len(tiles(run_app())) == 2
+    monkeypatch.setenv("DASHBOARD_WALL_SIZE", "0")
+    app = run_app()
+    assert tiles(app) == [] and "Live wall off" in app.sidebar.caption[1].value
+    assert len(table(app)) == 5  # the rest of the page is unchanged
+
+
+def test_tiles_update_in_place_as_turns_arrive(app_env, redis_client, prefix):
+    now = now_ms()
+    documents = [sample_conversation(i, started_ms=now - 90_000 + i * 1000) for i in range(3)]
+    write(redis_client, prefix, documents)
+    app = run_app()
+    before = [tile_marks(t) for t in tiles(app)]
+    oldest = min(documents, key=lambda d: d["updated_ms"])
+    slot = next(i for i, m in enumerate(before) if oldest["conversation_id"][:8] in m)
+    # the oldest conversation speaks: it becomes the most recent, but its tile stays put
+    message = {**oldest["recent"][-1], "turn": 6, "role": "customer", "message_id": new_id()}
+    message.update(text="Still waiting for that refund.", timestamp_ms=now_ms())
+    oldest["recent"].append(message)
+    oldest.update(messages=7, last_turn=6, updated_ms=message["timestamp_ms"])
+    write(redis_client, prefix, [oldest])
+    app = rerun(app)
+    after = tiles(app)
+    assert [oldest["conversation_id"][:8] in tile_marks(t) for t in after].index(True) == slot
+    assert tile_texts(after[slot])[-1] == "Still waiting for that refund."
+    assert len(tile_texts(after[slot])) == 6  # the latest six
+
+
+def test_an_ended_conversation_stays_with_its_outcome_then_leaves(app_env, redis_client, prefix):
+    now = now_ms()
+    resolved = sample_conversation(
+        1, status="ended", end_reason="goodbye", outcome="resolved", started_ms=now - 40_000
+    )
+    plain = sample_conversation(2, status="ended", end_reason="turn_limit", started_ms=now - 41_000)
+    live = sample_conversation(3, started_ms=now - 42_000)
+    write(redis_client, prefix, [resolved, plain, live])
+    app = run_app()
+    marks = {t.key: tile_marks(t) for t in tiles(app)}
+    assert len(marks) == 3
+    ended_resolved, ended_limit = escape("ended: resolved"), escape("ended: turn_limit")
+    assert any(ended_resolved in m and resolved["customer"]["name"] in m for m in marks.values())
+    assert any(ended_limit in m for m in marks.values())  # no outcome: the end reason
+    assert any("live" in m for m in marks.values())
+    # much later the live conversation speaks again: the ended ones have lingered long enough
+    live["updated_ms"] = now + 120_000
+    write(redis_client, prefix, [live])
+    app = rerun(app)
+    assert [live["conversation_id"][:8] in tile_marks(t) for t in tiles(app)] == [True]
+
+
+def test_open_transcript_from_a_tile(app_env, redis_client, prefix):
+    now = now_ms()
+    documents = [sample_conversation(i, started_ms=now - 90_000 + i * 1000) for i in range(3)]
+    write(redis_client, prefix, documents)
+    app = run_app()
+    app.multiselect(key="mood").select(documents[0]["customer"]["mood"]).run()
+    tile = tiles(app)[-1]
+    target = next(d for d in documents if d["conversation_id"][:8] in tile_marks(tile))
+    tile.button[0].click().run()
+    assert not app.exception
+    assert app.selectbox[0].value == target["conversation_id"]
+    assert transcript_texts(app) == [m["text"] for m in target["recent"]]
+    assert app.multiselect(key="mood").value == []  # filters that could hide it are cleared
+
+
+def test_model_text_on_the_wall_is_literal(app_env, redis_client, prefix):
+    document = sample_conversation(1, turns=2, texts=HOSTILE)
+    document["customer"]["name"] = "**Eve** <b>"
+    document["card"]["wants"] = "<script>alert(1)</script> a :red[refund]"
+    write(redis_client, prefix, [document])
+    (tile,) = tiles(run_app())
+    assert tile_texts(tile) == HOSTILE
+    marks = tile_marks(tile)
+    assert "**Eve**" not in marks and "<script>" not in marks
+    assert r"\*\*Eve\*\* \<b\>" in marks and r"\<script\>" in marks
+
+
+# --- customer sentiment first, pipeline health
+
+
+def test_headline_sentiment_is_the_customers_with_the_agents_beside_it(
+    app_env, redis_client, prefix
+):
+    documents = [sample_conversation(i) for i in range(3)]
+    fleet = sample_fleet(documents, now_ms())
+    fleet["roles"]["customer"]["sentiment_now"] = -0.42
+    fleet["roles"]["agent"]["sentiment_now"] = 0.77
+    write_sample(redis_client, prefix, documents, fleet=fleet, series=sample_series(now_ms()))
+    app = run_app()
+    assert metrics(app)["Customer sentiment"] == "-0.42"
+    assert "Agent +0.77" in all_text(app)
+
+
+def test_a_scoring_backlog_is_visible_and_rates_are_not_zero(app_env, redis_client, prefix):
+    documents = [sample_conversation(i) for i in range(3)]
+    now = now_ms()
+    fleet = sample_fleet(documents, now - 400_000)  # nothing scored for 400 s
+    pipeline = sample_pipeline(now, fleet["messages"] + 2400, dead_letters=3)
+    pipeline["dead_letters"] = 5  # two of them longer ago than five minutes
+    series = sample_series(now - 400_000)
+    write_sample(redis_client, prefix, documents, fleet=fleet, series=series, pipeline=pipeline)
+    app = run_app()
+    figures = metrics(app)
+    assert float(figures["Msgs / min"]) >= 30  # what the bots wrote: 6 per 10 s
+    assert float(figures["Tokens / s"]) > 0
+    assert figures["Scoring behind"] == "2,400"
+    assert figures["Dead letters"] == "3"
+    text = all_text(app)
+    assert "400.0 s of chat behind" in text and "5 in all" in text
+    assert "Sentiment scoring is behind the chat: 2,400 messages" in app.warning[0].value
+
+
+def test_no_warning_when_scoring_keeps_up(app_env, redis_client, prefix):
+    documents = [sample_conversation(i) for i in range(2)]
+    write(redis_client, prefix, documents)
+    app = run_app()
+    assert not app.warning
+    assert metrics(app)["Scoring behind"] == "0"
+    assert metrics(app)["Dead letters"] == "0"

@@ -44,6 +44,7 @@ EXTRA_CONVERSATION_FIELDS = {"models", "sentiment_sum_micro", "latency_ms_total"
 MOODS = ["angry", "confused", "polite"]
 PRODUCTS = ["laptop", 'phone "pro"', "router, v2"]
 REASONS = ["turn_limit", "goodbye", "error"]
+OUTCOMES = ["resolved", "unresolved", "gave_up"]
 
 
 # --------------------------------------------------------------------------- messages
@@ -56,6 +57,21 @@ def conversation(
     cid = new_id()
     persona = {"name": "Zoë", "mood": rng.choice(MOODS), "product": rng.choice(PRODUCTS)}
     reason = rng.choice(REASONS)
+    outcome = rng.choice([*OUTCOMES, None])
+    # about half the conversations have a scenario card (older data and scripted bots have none)
+    card = (
+        {
+            "scenario": "late delivery",
+            "id": f"card-{rng.randint(1, 9)}",
+            "product": persona["product"],
+            "facts": {"order": "A-17"},
+            "wants": 'a refund <b>"now"</b>',
+            "refuses": "store credit",
+            "patience": 3,
+        }
+        if rng.random() < 0.5
+        else None
+    )
     messages = []
     for turn in range(turns):
         final = ends and turn == turns - 1
@@ -84,6 +100,13 @@ def conversation(
                 },
             }
         )
+        extra = messages[-1]
+        if card is not None and extra["role"] == "customer":
+            extra["card"] = card
+        if extra["role"] == "agent" and rng.random() < 0.5:
+            extra["remedy"] = rng.choice(["refund", "replacement"])
+        if final and outcome is not None:
+            extra["outcome"] = outcome
     return messages
 
 
@@ -186,7 +209,23 @@ def reference(messages: list[dict], now: int) -> dict[str, Any]:
             "prompt_tokens": sum(m["prompt_tokens"] for m in kept),
             "completion_tokens": sum(m["completion_tokens"] for m in kept),
             "latency_ms_avg": average([m["latency_ms"] for m in kept]),
+            "roles": {
+                role: {
+                    "messages": len(scores),
+                    "sentiment_avg": average(scores),
+                    "sentiment_first": scores[0],
+                    "sentiment_last": scores[-1],
+                }
+                for role in ("customer", "agent")
+                if (scores := [m["sentiment"]["score"] for m in kept if m["role"] == role])
+            },
+            "card": next((m["card"] for m in reversed(kept) if m.get("card")), None),
+            "remedy": next((m["remedy"] for m in reversed(kept) if m.get("remedy")), None),
+            "outcome": last.get("outcome") if last["final"] else None,
         }
+        for message, item in zip(kept[-RECENT:], conversations[cid]["recent"], strict=True):
+            if message.get("remedy"):
+                item["remedy"] = message["remedy"]
     everything = [m for kept in accepted.values() for m in kept]
     newest = max(m["timestamp_ms"] for m in everything)
     ongoing = [c for c in conversations.values() if c["status"] == "active"]
@@ -200,15 +239,29 @@ def reference(messages: list[dict], now: int) -> dict[str, Any]:
             group["conversations"] += 1
             group["active"] += any(c["conversation_id"] == cid for c in active)
             group["scores"] += [m["sentiment"]["score"] for m in kept]
+            group.setdefault("customer", [])
+            group["customer"] += [m["sentiment"]["score"] for m in kept if m["role"] == "customer"]
         return {
             value: {
                 "conversations": g["conversations"],
                 "active": g["active"],
                 "messages": len(g["scores"]),
                 "sentiment_avg": average(g["scores"]),
+                "customer_messages": len(g["customer"]),
+                "customer_sentiment_avg": average(g["customer"]),
             }
             for value, g in groups.items()
         }
+
+    def latest(role: str) -> list[float]:
+        """The latest score of `role` in each active conversation that has one."""
+        found = []
+        for c in active:
+            scores = [m["sentiment"]["score"] for m in accepted[c["conversation_id"]]]
+            roles = [m["role"] for m in accepted[c["conversation_id"]]]
+            mine = [score for score, who in zip(scores, roles, strict=True) if who == role]
+            found += mine[-1:]
+        return found
 
     prompt = sum(m["prompt_tokens"] for m in everything)
     completion = sum(m["completion_tokens"] for m in everything)
@@ -229,6 +282,17 @@ def reference(messages: list[dict], now: int) -> dict[str, Any]:
         ),
         "by_mood": breakdown("mood"),
         "by_product": breakdown("product"),
+        "roles": {
+            role: {
+                "messages": sum(m["role"] == role for m in everything),
+                "sentiment_avg": average(
+                    [m["sentiment"]["score"] for m in everything if m["role"] == role]
+                ),
+                "sentiment_now": average(latest(role)),
+                "sentiment_now_conversations": len(latest(role)),
+            }
+            for role in ("customer", "agent")
+        },
         "updated_ms": newest,
     }
     bucket_ms = BUCKET_S * 1000
@@ -242,6 +306,13 @@ def reference(messages: list[dict], now: int) -> dict[str, Any]:
             "messages": len(ms),
             "sentiment_avg": average([m["sentiment"]["score"] for m in ms]),
             "completion_tokens": sum(m["completion_tokens"] for m in ms),
+            "customer_messages": sum(m["role"] == "customer" for m in ms),
+            "customer_sentiment_avg": average(
+                [m["sentiment"]["score"] for m in ms if m["role"] == "customer"]
+            ),
+            "agent_sentiment_avg": average(
+                [m["sentiment"]["score"] for m in ms if m["role"] == "agent"]
+            ),
         }
         for bucket, ms in sorted(buckets.items())
         if bucket >= oldest_kept
@@ -343,6 +414,20 @@ def wait_for_fleet(client: redis.Redis, prefix: str, messages: int, timeout: flo
     pytest.fail(f"the fleet did not reach {messages} messages")
 
 
+def wait_for_pipeline(client: redis.Redis, prefix: str, done, timeout: float = 90.0) -> dict:
+    """Wait until the `pipeline` counts and the fleet (`pipeline`, `fleet`) satisfy `done`."""
+    deadline = time.monotonic() + timeout
+    found = None
+    keys = RedisKeys(prefix)
+    while time.monotonic() < deadline:
+        pipeline, fleet = client.get(keys.pipeline), client.get(keys.fleet)
+        found = (json.loads(pipeline) if pipeline else None, json.loads(fleet) if fleet else None)
+        if found[0] and found[1] and done(*found):
+            return found[0]
+        time.sleep(0.3)
+    pytest.fail(f"pipeline figures never got there: {found}")
+
+
 def paced(address: str, topic: str, messages: list[dict], seconds: float) -> threading.Thread:
     """Produce `messages` spread over `seconds`, in a background thread (started)."""
 
@@ -426,8 +511,58 @@ def test_every_redis_value_equals_the_reference_and_bad_input_is_dead_lettered(
         ):
             assert any(fragment in e for e in errors), (fragment, errors)
         assert all(d["service"] == "redis_aggregator" for d in dead)
+        # the aggregator reads the dead-letter topic back: each counted once, on the page
+        pipeline = wait_for_pipeline(
+            redis_client, prefix, lambda p, _: p["dead_letters"] >= expected_dead
+        )
+        assert pipeline["dead_letters"] == expected_dead
+        assert sum(b["dead_letters"] for b in pipeline["series"]) == expected_dead
         assert service.alive()
         assert "skipped: duplicate message" in service.log()
+    finally:
+        service.stop()
+
+
+def test_how_far_scoring_is_behind_the_chat_in_messages_and_seconds(
+    aggregator_env, broker, redis_client, prefix, tmp_path
+):
+    settings = ServiceSettings()
+    rng = random.Random(5)
+    start = now_ms() - 60_000
+    conversations = [conversation(rng, start + i * 100, 6, ends=i == 0) for i in range(4)]
+    chat = [{k: v for k, v in m.items() if k != "sentiment"} for c in conversations for m in c]
+    chat.sort(key=lambda m: (m["timestamp_ms"], m["turn"]))
+    scored = [m for c in conversations for m in c[:4]]  # scoring got through four turns of each
+    service = ServiceProcess("redis_aggregator", aggregator_env, tmp_path).start()
+    try:
+        # the bots' topic: every turn, a producer duplicate, and a value the scorer rejects
+        produce_json(broker, settings.chat_topic, chat + [chat[3]])
+        produce(broker, settings.chat_topic, [(b"k", b"not a chat message")])
+        produce_json(broker, settings.scored_topic, scored)
+        newest_scored = max(m["timestamp_ms"] for m in scored)
+        newest_chat = max(m["timestamp_ms"] for m in chat)
+        pipeline = wait_for_pipeline(
+            redis_client,
+            prefix,
+            lambda p, f: p["chat_messages"] == len(chat) and f["messages"] == len(scored),
+        )
+        fleet = json.loads(redis_client.get(RedisKeys(prefix).fleet))
+        assert pipeline["chat_messages"] - fleet["messages"] == 8  # messages behind
+        assert (pipeline["chat_newest_ms"], fleet["updated_ms"]) == (newest_chat, newest_scored)
+        assert sum(b["chat_messages"] for b in pipeline["series"]) == len(chat)
+        assert sum(b["chat_completion_tokens"] for b in pipeline["series"]) == sum(
+            m["completion_tokens"] for m in chat
+        )
+        # scoring catches up: nothing behind
+        produce_json(broker, settings.scored_topic, [m for c in conversations for m in c[4:]])
+        wait_for_pipeline(redis_client, prefix, lambda p, f: f["messages"] == p["chat_messages"])
+        assert json.loads(redis_client.get(RedisKeys(prefix).fleet))["updated_ms"] == newest_chat
+        # the aggregator reports no dead letter for chat values: the scorer does
+        assert (
+            values(read_topic(broker, settings.dead_letter_topic, until=lambda r: False, timeout=8))
+            == []
+        )
+        assert service.alive()
     finally:
         service.stop()
 

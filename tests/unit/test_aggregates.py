@@ -13,11 +13,17 @@ from supportsim.aggregates import (
     RedisSink,
     Reject,
     Skip,
+    dead_letter_time,
+    empty_pipeline,
     encode,
     ended_marker,
     fleet_view,
+    fold_chat,
     fold_contribution,
+    fold_dead_letter,
     fold_message,
+    forget_old_pipeline,
+    pipeline_view,
     series_view,
 )
 from supportsim.messages import ScoredMessage, new_id
@@ -180,6 +186,9 @@ def test_fleet_totals_breakdowns_and_the_active_average():
         "active": 2,
         "messages": 3,
         "sentiment_avg": about((-1.5 + 0.25) / 3),
+        # customers only: turn 0 of each conversation (-0.5 and 0.25)
+        "customer_messages": 2,
+        "customer_sentiment_avg": about((-0.5 + 0.25) / 2),
     }
     assert view["by_mood"]["calm"]["active"] == 0
     assert view["by_product"]["laptop"]["conversations"] == 2
@@ -271,6 +280,7 @@ def test_redis_keys_follow_the_documented_schema():
     assert keys.conversation("c1") == "p:conversation:c1"
     assert (keys.active, keys.ended) == ("p:conversations:active", "p:conversations:ended")
     assert (keys.fleet, keys.series) == ("p:fleet", "p:series:sentiment")
+    assert keys.pipeline == "p:pipeline"
 
 
 def test_settings_defaults_and_environment(monkeypatch):
@@ -295,3 +305,142 @@ def test_the_redis_retry_backoff_doubles_and_is_capped():
         sink._failures = failures
         delays.append(sink.retry_after())
     assert delays == [0.5, 1.0, 2.0, 3.0, 3.0]
+
+
+# --------------------------------------------------------------------------- by role, card, outcome
+
+
+def test_customer_sentiment_is_kept_apart_from_the_agents_first_and_latest():
+    cid = new_id()
+    # customer -0.8, agent +0.9, customer -0.2, agent +0.7, customer +0.4
+    scores = [-0.8, 0.9, -0.2, 0.7, 0.4]
+    aggregate, contributions = fold_all([scored(cid, t, s) for t, s in enumerate(scores)])
+    customer, agent = aggregate["roles"]["customer"], aggregate["roles"]["agent"]
+    assert (customer["sentiment_first"], customer["sentiment_last"]) == (-0.8, 0.4)
+    assert customer["messages"] == 3 and customer["sentiment_avg"] == about((-0.8 - 0.2 + 0.4) / 3)
+    assert (agent["sentiment_first"], agent["sentiment_last"]) == (0.9, 0.7)
+    assert contributions[-1]["customer_last_micro"] == 400_000
+    assert contributions[-1]["agent_last_micro"] == 700_000
+
+
+def test_card_remedy_and_outcome_pass_through_and_may_be_absent():
+    cid = new_id()
+    card = {
+        "id": "c-7",
+        "scenario": "broken hinge",
+        "product": "laptop",
+        "facts": {"order": "A-1"},
+        "wants": "a free repair",
+        "refuses": "store credit",
+        "patience": 3,
+    }
+    aggregate, _ = fold_all(
+        [
+            scored(cid, 0, card=card),
+            scored(cid, 1, remedy="repair"),
+            scored(cid, 2),  # a later message without a card keeps the card
+            scored(cid, 3, final=True, end_reason="goodbye", outcome="resolved"),
+        ]
+    )
+    assert {key: aggregate["card"][key] for key in card} == card  # as the contract dumps it
+    assert aggregate["remedy"] == "repair"
+    assert [m.get("remedy") for m in aggregate["recent"]] == ["repair", None, None]
+    assert (aggregate["outcome"], aggregate["end_reason"]) == ("resolved", "goodbye")
+    plain, _ = fold_all([scored(new_id(), 0, final=True, end_reason="turn_limit")])
+    assert (plain["card"], plain["remedy"], plain["outcome"]) == (None, None, None)
+    # fields present as null (a contract with optional fields) count as absent
+    nulls, _ = fold_all([scored(new_id(), 0, card=None, final=True, outcome=None)])
+    assert (nulls["card"], nulls["outcome"]) == (None, None)
+
+
+def test_a_conversation_from_older_state_gets_its_per_role_totals_from_its_sentiments():
+    cid = new_id()
+    aggregate, _ = fold_all([scored(cid, 0, -0.6), scored(cid, 1, 0.8)])
+    for field in ("roles", "card", "outcome", "remedy"):
+        del aggregate[field]  # as written before these fields existed
+    folded = fold_message(aggregate, scored(cid, 2, 0.1), LIMITS)
+    customer = folded.conversation["roles"]["customer"]
+    assert (customer["sentiment_first"], customer["sentiment_last"], customer["messages"]) == (
+        -0.6,
+        0.1,
+        2,
+    )
+    assert folded.conversation["roles"]["agent"]["messages"] == 1
+
+
+def test_fleet_customer_sentiment_now_is_the_active_conversations_latest_customer_line():
+    a = conversation_messages(new_id(), "angry", "laptop", [-0.8, 0.9, -0.4, 0.6], end=False)
+    b = conversation_messages(new_id(), "calm", "phone", [0.2, 0.5], end=False)
+    gone = conversation_messages(new_id(), "calm", "phone", [1.0, 1.0, 1.0], end=True)
+    fleet = None
+    for conversation in (a, b, gone):
+        for contribution in fold_all(conversation)[1]:
+            fleet = fold_contribution(fleet, contribution, LIMITS)
+    roles = fleet_view(fleet)["roles"]
+    assert roles["customer"]["sentiment_now"] == about((-0.4 + 0.2) / 2)  # ended one left out
+    assert roles["agent"]["sentiment_now"] == about((0.6 + 0.5) / 2)
+    assert roles["customer"]["messages"] == 2 + 1 + 2
+    assert roles["customer"]["sentiment_avg"] == about((-0.8 - 0.4 + 0.2 + 1.0 + 1.0) / 5)
+    (bucket,) = series_view(fleet, LIMITS)  # every turn within the first ten seconds
+    assert (bucket["customer_messages"], bucket["messages"]) == (5, 9)
+    assert bucket["customer_sentiment_avg"] == about((-0.8 - 0.4 + 0.2 + 1.0 + 1.0) / 5)
+    assert bucket["agent_sentiment_avg"] == about((0.9 + 0.6 + 0.5 + 1.0) / 4)
+
+
+# --------------------------------------------------------------------------- pipeline figures
+
+
+def test_the_chat_is_counted_once_per_turn_as_the_scored_side_counts_it():
+    pipeline = empty_pipeline()
+    cid = new_id()
+    messages = [chat_message(cid, turn=t, timestamp_ms=T0 + t * 1000) for t in range(4)]
+    counted = [fold_chat(pipeline, m, LIMITS) for m in messages]
+    assert counted == [True] * 4
+    assert not fold_chat(pipeline, messages[2], LIMITS)  # a duplicate
+    assert not fold_chat(pipeline, chat_message(new_id(), turn=3), LIMITS)  # unknown conversation
+    assert not fold_chat(pipeline, chat_message(cid, turn=9), LIMITS)  # a gap
+    final = chat_message(cid, turn=4, timestamp_ms=T0 + 4000, final=True)
+    assert fold_chat(pipeline, final, LIMITS)
+    assert not fold_chat(pipeline, chat_message(cid, turn=5), LIMITS)  # after the end
+    view = pipeline_view(pipeline, LIMITS)
+    assert (view["chat_messages"], view["chat_newest_ms"]) == (5, T0 + 4000)
+    assert view["series"] == [
+        {"bucket_ms": T0, "chat_messages": 5, "chat_completion_tokens": 25, "dead_letters": 0}
+    ]
+
+
+def test_dead_letters_are_counted_in_total_and_per_bucket():
+    pipeline = empty_pipeline()
+    for when in (T0 + 1000, T0 + 2000, T0 + 12_000):
+        fold_dead_letter(pipeline, when, LIMITS)
+    view = pipeline_view(pipeline, LIMITS)
+    assert (view["dead_letters"], view["dead_letter_newest_ms"]) == (3, T0 + 12_000)
+    assert {b["bucket_ms"]: b["dead_letters"] for b in view["series"]} == {T0: 2, T0 + 10_000: 1}
+    assert dead_letter_time(b'{"timestamp_ms": 5}', 9) == 5
+    assert dead_letter_time(b"not json", 9) == dead_letter_time(None, 9) == 9
+
+
+def test_the_pipeline_series_keeps_a_bounded_window():
+    pipeline = empty_pipeline()
+    cid = new_id()
+    for turn in range(8):  # one chat message every 10 s; four buckets kept
+        fold_chat(pipeline, chat_message(cid, turn=turn, timestamp_ms=T0 + turn * 10_000), LIMITS)
+    forget_old_pipeline(pipeline, LIMITS)
+    buckets = [b["bucket_ms"] for b in pipeline_view(pipeline, LIMITS)["series"]]
+    assert buckets == [T0 + i * 10_000 for i in range(4, 8)]
+    assert len(pipeline["series"]) == 4
+    assert pipeline_view(pipeline, LIMITS)["chat_messages"] == 8
+
+
+def test_a_fleet_from_older_state_is_upgraded_in_place():
+    cid = new_id()
+    fleet = fold_contribution(None, fold_all([scored(cid, 0)])[1][0], LIMITS)
+    del fleet["roles"]
+    fleet["active"][cid] = fleet["active"][cid][:5]  # five fields, as before per-role scores
+    fleet["series"] = {key: counts[:3] for key, counts in fleet["series"].items()}
+    aggregate, _ = fold_all([scored(cid, 0)])
+    contribution = fold_message(aggregate, scored(cid, 1), LIMITS).contribution
+    fleet = fold_contribution(fleet, contribution, LIMITS)
+    view = fleet_view(fleet)
+    assert view["messages"] == 2 and view["roles"]["agent"]["messages"] == 1
+    assert series_view(fleet, LIMITS)[0]["messages"] == 2

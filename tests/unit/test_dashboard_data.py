@@ -34,11 +34,15 @@ from supportsim.dashboard_data import (
     recent_rates,
     sample_conversation,
     sample_fleet,
+    sample_pipeline,
     sample_series,
     sentiment_trend,
     series_frame,
     summarize,
     transcript,
+    wall_ranking,
+    wall_slots,
+    wall_tile,
 )
 
 NOW = 1_800_000_000_000  # a fixed "now", aligned to a bucket
@@ -48,16 +52,17 @@ def table(*documents: dict) -> pd.DataFrame:
     return conversation_frame(summarize(d) for d in documents)
 
 
-def snapshot(documents=(), fleet=None, series=None, now=NOW) -> Snapshot:
+def snapshot(documents=(), fleet=None, series=None, now=NOW, pipeline=None) -> Snapshot:
     frame = table(*documents)
     return Snapshot(
         conversations=frame,
         fleet=fleet or {},
-        series=series_frame(series),
+        series=series_frame(series, pipeline),
         active_total=int((frame["status"] == "active").sum()),
         ended_total=int((frame["status"] == "ended").sum()),
         unreadable=0,
         taken_ms=now,
+        pipeline=pipeline or {},
     )
 
 
@@ -225,25 +230,59 @@ def test_headline_prefers_the_fleet_aggregate():
     docs = [sample_conversation(i) for i in range(3)] + [
         sample_conversation(9, status="ended", end_reason="turn_limit")
     ]
-    fleet = {**sample_fleet(docs), "ended": 40, "messages": 1234, "sentiment_avg_active": -0.25}
-    figures = headline(snapshot(docs, fleet, sample_series(NOW), now=NOW))
+    fleet = {**sample_fleet(docs, NOW), "ended": 40, "messages": 1234}
+    fleet["roles"] = {"customer": {"sentiment_now": -0.25}, "agent": {"sentiment_now": 0.6}}
+    pipeline = sample_pipeline(NOW, 1234)
+    figures = headline(snapshot(docs, fleet, sample_series(NOW), now=NOW, pipeline=pipeline))
     assert (figures.active, figures.ended, figures.messages) == (3, 40, 1234)
-    assert figures.sentiment_now == -0.25
+    assert (figures.customer_now, figures.agent_now) == (-0.25, 0.6)
     assert figures.messages_per_minute == pytest.approx(36)
+    assert (figures.behind_messages, figures.behind_s, figures.dead_letters_recent) == (0, 0, 0)
+    assert not figures.behind
+
+
+def test_headline_sentiment_is_the_customers_not_the_agents_polite_lines():
+    # customers unhappy, agents cheerful: an average over both would look fine
+    docs = [sample_conversation(i, turns=4) for i in range(3)]
+    for document in docs:
+        for point in document["sentiments"] + document["recent"]:
+            point["score"] = -0.8 if point["role"] == "customer" else 0.9
+        del document["roles"]  # an older aggregator: computed from the sentiments
+    figures = headline(snapshot(docs))
+    assert figures.customer_now == pytest.approx(-0.8)
+    assert figures.agent_now == pytest.approx(0.9)
+
+
+def test_a_scoring_backlog_shows_in_the_headline_as_a_backlog_not_as_zero():
+    docs = [sample_conversation(i) for i in range(2)]
+    # scoring stopped ten minutes ago; the bots kept writing six messages per 10 s since
+    series = [b for b in sample_series(NOW, buckets=90) if b["bucket_ms"] <= NOW - 600_000]
+    fleet = sample_fleet(docs, NOW - 600_000)
+    pipeline = sample_pipeline(NOW, fleet["messages"] + 3600, buckets=90, dead_letters=2)
+    figures = headline(snapshot(docs, fleet, series, now=NOW, pipeline=pipeline))
+    assert figures.messages_per_minute == pytest.approx(36)  # what the bots wrote
+    assert figures.tokens_per_second == pytest.approx(36 * 25 / 60)
+    assert (figures.behind_messages, figures.behind_s) == (3600, 600.0)
+    assert figures.behind
+    assert (figures.dead_letters_recent, figures.dead_letters) == (2, 2)
+    # the same data without chat figures (an older aggregator) falls back to scored messages
+    older = headline(snapshot(docs, fleet, series, now=NOW))
+    assert older.messages_per_minute == 0.0 and older.behind_messages is None
+    assert older.dead_letters_recent is None and not older.behind
 
 
 def test_headline_without_fleet_or_series_computes_from_conversations():
     docs = [sample_conversation(i, turns=4) for i in range(2)]
     figures = headline(snapshot(docs))
     assert figures.messages == 8
-    expected = sum(d["sentiment_avg"] for d in docs) / 2
-    assert figures.sentiment_now == pytest.approx(expected)
+    expected = sum(d["roles"]["customer"]["sentiment_last"] for d in docs) / 2
+    assert figures.customer_now == pytest.approx(expected)
     assert figures.messages_per_minute is None and figures.tokens_per_second is None
 
 
 def test_headline_of_nothing():
     figures = headline(snapshot())
-    assert (figures.active, figures.ended, figures.messages, figures.sentiment_now) == (
+    assert (figures.active, figures.ended, figures.messages, figures.customer_now) == (
         0,
         0,
         0,
@@ -261,6 +300,11 @@ def test_breakdown_from_fleet_and_fallback_from_rows():
     from_fleet = breakdown(fleet, table(*docs), "mood")
     assert from_fleet.to_dict("records") == [
         {"mood": "angry", "conversations": 2, "messages": 9, "sentiment_avg": -0.4}
+    ]
+    # customer messages only, where the aggregator splits them
+    fleet["by_mood"]["angry"].update(customer_messages=5, customer_sentiment_avg=-0.7)
+    assert breakdown(fleet, table(*docs), "mood").to_dict("records") == [
+        {"mood": "angry", "conversations": 2, "messages": 5, "sentiment_avg": -0.7}
     ]
     malformed = breakdown({"by_mood": {"x": "y"}}, table(), "mood")
     assert malformed["conversations"].tolist() == [0]
@@ -395,3 +439,83 @@ def test_port_and_address_settings(monkeypatch):
     monkeypatch.setenv("DASHBOARD_ADDRESS", "0.0.0.0")
     settings = DashboardSettings()
     assert (settings.dashboard_port, settings.dashboard_address) == (8600, "0.0.0.0")
+
+
+# --- the live wall
+
+
+def test_the_wall_ranks_active_conversations_newest_first_and_lets_ended_ones_linger():
+    active = [sample_conversation(i, started_ms=NOW - 100_000 + i * 1000) for i in range(3)]
+    just_ended = sample_conversation(7, status="ended", started_ms=NOW - 60_000)
+    long_ended = sample_conversation(8, status="ended", started_ms=NOW - 900_000)
+    frame = table(*active, just_ended, long_ended)
+    ranking = wall_ranking(frame, linger_ms=30_000)
+    ids = [d["conversation_id"] for d in active]
+    # just_ended spoke last of all (its final message); long_ended ended long before
+    assert ranking == [just_ended["conversation_id"], ids[2], ids[1], ids[0]]
+    assert long_ended["conversation_id"] not in ranking
+    assert long_ended["conversation_id"] not in wall_ranking(frame, linger_ms=0)
+    assert wall_ranking(table(), 30_000) == []
+
+
+def test_wall_tiles_stay_put_as_turns_arrive_and_free_tiles_take_the_newest():
+    assert wall_slots([], ["a", "b", "c"], 4) == ["a", "b", "c", None]
+    # "c" spoke last: it is first in the ranking, but no tile moves
+    assert wall_slots(["a", "b", "c", None], ["c", "d", "a", "b"], 4) == ["a", "b", "c", "d"]
+    # "b" ended and lingered out: its tile takes the newest conversation not shown
+    assert wall_slots(["a", "b", "c", "d"], ["e", "d", "c", "a"], 4) == ["a", "e", "c", "d"]
+    # with many conversations, a tile keeps its conversation while it ranks in the top 2 x size
+    ranking = [f"n{i}" for i in range(8)]
+    assert wall_slots(["n5", "n3", "old"], ranking, 3) == ["n5", "n3", "n0"]
+    assert wall_slots(["n6", "n3", "n0"], ranking, 3) == ["n1", "n3", "n0"]
+    assert wall_slots(["x", "y"], [], 2) == [None, None]
+    assert wall_slots(["a"], ["a"], 0) == []
+
+
+def test_a_wall_tile_has_persona_card_customer_sentiment_and_the_latest_messages():
+    document = sample_conversation(
+        3, turns=9, status="ended", end_reason="goodbye", outcome="resolved"
+    )
+    tile = wall_tile(document)
+    assert (tile.customer, tile.mood, tile.product) == (
+        document["customer"]["name"],
+        document["customer"]["mood"],
+        document["customer"]["product"],
+    )
+    assert tile.wants == document["card"]["wants"]
+    assert (tile.status, tile.ending, tile.remedy) == ("ended", "resolved", document["remedy"])
+    customer_scores = [p["score"] for p in document["sentiments"] if p["role"] == "customer"]
+    assert (tile.customer_first, tile.customer_now) == (customer_scores[0], customer_scores[-1])
+    assert [m.turn for m in tile.messages] == [3, 4, 5, 6, 7, 8]
+    assert tile.messages[-1].text == document["recent"][-1]["text"]
+    assert any(m.remedy for m in tile.messages)
+
+
+def test_a_tile_without_card_or_outcome_shows_the_end_reason():
+    document = sample_conversation(2, status="ended", end_reason="turn_limit", card=False)
+    del document["outcome"], document["card"], document["roles"], document["remedy"]
+    tile = wall_tile(document)
+    assert (tile.wants, tile.ending, tile.remedy) == ("", "turn_limit", None)
+    assert tile.customer_first == document["sentiments"][0]["score"]
+    broken = wall_tile({"customer": "x", "recent": "y", "card": ["z"], "status": "ended"})
+    assert (broken.customer, broken.ending, broken.messages) == ("Customer", "unknown", [])
+
+
+def test_sample_documents_have_every_field_the_aggregator_writes():
+    from supportsim.aggregates import Limits, fold_message
+    from tests.support import chat_message
+
+    message = chat_message(turn=0, final=True, end_reason="goodbye")
+    message["sentiment"] = {"label": "neutral", "score": 0.0, "model": "m"}
+    written = fold_message(None, message, Limits()).conversation
+    assert set(written) <= set(sample_conversation(0))
+    assert set(written["roles"]["customer"]) == set(sample_conversation(0)["roles"]["customer"])
+
+
+def test_chat_counts_join_the_series_by_bucket():
+    pipeline = sample_pipeline(NOW, 100, buckets=3, messages=4, dead_letters=1)
+    scored = sample_series(NOW, buckets=2)  # scoring is one bucket behind the chat
+    frame = series_frame(scored, pipeline)
+    assert frame["bucket_ms"].tolist() == [NOW - i * BUCKET_MS for i in (3, 2, 1)]
+    assert frame["chat_messages"].tolist() == [4, 4, 4]
+    assert frame["messages"].tolist()[-1] == 6 and frame["dead_letters"].tolist() == [0, 0, 1]
