@@ -109,10 +109,12 @@ def run_stack(
     threads: int | None = None,
     cache_mb: int | None = None,
     settings: dict[str, str] | None = None,
+    until_ended: int | None = None,
 ) -> Run:
     """Run `supportsim up`'s stack until `seconds` after the first reply; return its chat.
 
-    `settings` are further variables for every service (e.g. CONVERSATIONS, MAX_TURNS).
+    `settings` are further variables for every service (e.g. CONVERSATIONS, MAX_TURNS);
+    `until_ended` stops it sooner, once that many conversations have ended.
     """
     run_dir = Path(tempfile.mkdtemp(prefix="bench-bots-"))
     prefix = f"bench-bots-{new_id()[:8]}:"
@@ -145,9 +147,15 @@ def run_stack(
             raise SystemExit(f"{label}: no reply in {START_TIMEOUT_S} s; see {run_dir / 'logs'}")
         print(f"{label}: first reply; measuring for {seconds:.0f} s", flush=True)
         end = time.monotonic() + seconds
+        checked = time.monotonic()
         while time.monotonic() < end:
             stack.supervise()
             time.sleep(2)
+            if until_ended and time.monotonic() - checked > 30:
+                checked = time.monotonic()
+                finals = sum(m["final"] for m in _chat_messages(stack.broker.address))
+                if finals >= until_ended:
+                    break
         messages = _chat_messages(stack.broker.address)
         fleet_doc = redis.Redis.from_url(stack.redis.url).get(f"{prefix}fleet")
         fleet = json.loads(fleet_doc) if fleet_doc else {}
@@ -198,13 +206,17 @@ def limit_rate(model: str, messages: list[dict]) -> tuple[float, int, int]:
     for reply in replies:
         side = (reply["conversation_id"], reply["role"])
         history = [
-            {"role": m["role"], "text": m["text"]}
+            {"role": m["role"], "text": m["text"], "remedy": m.get("remedy")}
             for m in conversations[reply["conversation_id"]]
             if m["turn"] < reply["turn"]
         ]
-        persona = Persona.from_contract(reply["customer"], reply["agent"])
+        persona = Persona.from_contract(
+            reply["customer"], reply["agent"], reply.get("card"), reply.get("policy")
+        )
         prompt = renderer.prompt_text(
-            turn_prompt(renderer, scenario, persona, reply["role"], history)
+            turn_prompt(
+                renderer, scenario, persona, reply["role"], history, structured=config.structured
+            )
         )
         if side not in contexts:  # loading a context is not generation: not timed
             contexts[side] = Llama(

@@ -31,6 +31,9 @@ Uuid = Annotated[str, StringConstraints(pattern=UUID_PATTERN)]
 ShortText = Annotated[str, StringConstraints(max_length=200)]
 Role = Literal["customer", "agent"]
 SentimentLabel = Literal["positive", "neutral", "negative"]
+Outcome = Literal["resolved", "unresolved", "gave_up"]
+# optional fields left out, not null, when unset: a message without them passes through unchanged
+OPTIONAL_FIELDS = ("evaluated_prompt_tokens", "card", "policy", "outcome", "remedy")
 
 
 def now_ms() -> int:
@@ -62,6 +65,23 @@ class AgentPersona(_Contract):
     name: ShortText
 
 
+class ScenarioCard(_Contract):
+    """The customer's scenario card: facts it reveals when asked, what it wants and refuses.
+
+    Hidden from the agent: never in the agent's prompt or an agent-side training line.
+    """
+
+    scenario: ShortText
+    id: ShortText
+    product: ShortText
+    facts: dict[ShortText, ShortText]
+    wants: ShortText
+    refuses: ShortText
+    patience: int = Field(ge=1, le=1000)
+    # the remedies that give the customer what it wants
+    accepts: list[ShortText] = Field(default_factory=list)
+
+
 class ChatMessage(_Contract):
     """One chat turn on the `chat` topic. The Kafka key is `conversation_id`."""
 
@@ -81,6 +101,13 @@ class ChatMessage(_Contract):
     latency_ms: int = Field(ge=0)
     final: bool = False
     end_reason: ShortText | None = None
+    # the customer's scenario card and the agent's policy for this conversation (when drawn)
+    card: ScenarioCard | None = None
+    policy: dict[ShortText, ShortText] | None = None
+    # on a final message: how the conversation ended for the customer
+    outcome: Outcome | None = None
+    # on an agent message: the remedy it offered (one of the scenario's remedies)
+    remedy: ShortText | None = None
 
     @property
     def key(self) -> bytes:
@@ -91,8 +118,9 @@ class ChatMessage(_Contract):
     def _without_unknown_counts(self, handler: SerializerFunctionWrapHandler) -> dict:
         # an unknown count stays absent, so a message without it passes through services unchanged
         data = handler(self)
-        if data.get("evaluated_prompt_tokens", 0) is None:
-            del data["evaluated_prompt_tokens"]
+        for name in OPTIONAL_FIELDS:
+            if name in data and data[name] is None:
+                del data[name]
         return data
 
 

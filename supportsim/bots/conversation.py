@@ -28,12 +28,28 @@ from supportsim.messages import (
     Role,
     now_ms,
 )
+from supportsim.messages import (
+    Outcome as ConversationOutcome,
+)
 
 logger = logging.getLogger(__name__)
 
 CONVERSATION_NAMESPACE = uuid.UUID("6f1d7c2e-3b1a-4d8e-9a57-0c2f3e5d9b11")
 MAX_HISTORY = 200
 ERROR_TEXT = "[this conversation ended because the {role} bot failed: {error}]"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What a turn decided, as data: whether it ends the chat, how, and the remedy offered.
+
+    `outcome` is the customer's view when it ends the chat (``resolved`` or ``gave_up``);
+    `remedy` is the agent's offer (None: none this turn).
+    """
+
+    ends_chat: bool = False
+    outcome: ConversationOutcome | None = None
+    remedy: str | None = None
 
 
 @dataclass
@@ -46,6 +62,10 @@ class Reply:
     latency_ms: int = 0
     loop: bool = False
     evaluated_prompt_tokens: int | None = None
+    # the structured decision of the turn; None: the responder gave none (ended by words then)
+    decision: Decision | None = None
+    # what the model wrote when it differs from `text` (structured output), for its own history
+    raw_text: str = ""
 
 
 class Responder(Protocol):
@@ -61,8 +81,11 @@ class Responder(Protocol):
 class Opening(Protocol):
     """Draws the persona and greeting of a new conversation (a scenario)."""
 
-    def open(self, conversation_id: str, rng: random.Random) -> tuple[dict, dict, str]:
-        """Return (customer persona, agent persona, greeting text)."""
+    def open(self, conversation_id: str, rng: random.Random) -> tuple[Any, ...]:
+        """Return (customer persona, agent persona, greeting text[, extra message fields]).
+
+        The extra fields (a dict, optional) are the scenario card and policy of the conversation.
+        """
         ...
 
 
@@ -73,10 +96,14 @@ class ConversationState:
     conversation_id: str
     customer: dict
     agent: dict
-    history: list[dict] = field(default_factory=list)  # {"turn", "role", "text"}
+    # {"turn", "role", "text"}, plus "remedy" on an agent line that offered one and "raw" on
+    # this bot's own structured lines (what the model wrote, shown back to it)
+    history: list[dict] = field(default_factory=list)
     last_turn: int = -1
     ended: bool = False
     end_reason: str | None = None
+    card: dict | None = None
+    policy: dict | None = None
 
     def to_state(self) -> dict[str, Any]:
         """The dict stored in Quix state (history dropped once ended)."""
@@ -88,12 +115,20 @@ class ConversationState:
             "last_turn": self.last_turn,
             "ended": self.ended,
             "end_reason": self.end_reason,
+            "card": None if self.ended else self.card,
+            "policy": None if self.ended else self.policy,
         }
 
     @classmethod
     def from_state(cls, data: dict[str, Any]) -> ConversationState:
-        """Rebuild from what :meth:`to_state` stored."""
+        """Rebuild from what :meth:`to_state` stored (states stored before cards had none)."""
         return cls(**data)
+
+    @property
+    def remedy(self) -> str | None:
+        """The last remedy the agent offered, if any."""
+        offered = [h["remedy"] for h in self.history if h.get("remedy")]
+        return offered[-1] if offered else None
 
     def texts(self, role: Role | None = None) -> list[str]:
         """Texts said so far, optionally by one side only."""
@@ -141,7 +176,8 @@ def slot_id(namespace: str, slot: int) -> str:
 def opening_message(conversation_id: str, opening: Opening) -> ChatMessage:
     """Turn 0 of a new conversation: the agent's greeting, with personas drawn for it alone."""
     rng = random.Random(conversation_id)  # per conversation: never shared between conversations
-    customer, agent, greeting = opening.open(conversation_id, rng)
+    customer, agent, greeting, *rest = opening.open(conversation_id, rng)
+    extra = rest[0] if rest else {}
     return ChatMessage(
         conversation_id=conversation_id,
         message_id=turn_message_id(conversation_id, 0),
@@ -155,21 +191,26 @@ def opening_message(conversation_id: str, opening: Opening) -> ChatMessage:
         prompt_tokens=0,
         completion_tokens=0,
         latency_ms=0,
+        card=extra.get("card"),
+        policy=extra.get("policy") or None,
     )
 
 
-def is_goodbye_turn(role: Role, text: str, answering: str = "") -> bool:
+def is_goodbye_turn(role: Role, text: str, answering: str = "", phrases: Any = None) -> bool:
     """Whether the customer's `text`, in answer to the agent's `answering`, ends the conversation.
 
     A customer's goodbye ends it, and so does a customer's plain thanks in answer to an agent's
     closing line ("Is there anything else I can help with?" - "Thank you, I appreciate it.").
     An agent's closing line alone does not: the customer may still have something to say.
+    `phrases` are the scenario's (:class:`~supportsim.bots.loops.Phrases`; default scenario's
+    when None).
     """
-    from supportsim.bots.loops import is_closing_line, is_goodbye, is_thanks
+    from supportsim.bots.loops import default_phrases
 
     if role != "customer":
         return False
-    return is_goodbye(text) or (is_thanks(text) and is_closing_line(answering))
+    words = phrases or default_phrases()
+    return words.is_goodbye(text) or (words.is_thanks(text) and words.is_closing_line(answering))
 
 
 def handle(
@@ -194,8 +235,13 @@ def handle(
             message.conversation_id,
             customer=message.customer.model_dump(),
             agent=message.agent.model_dump(),
+            card=message.card.model_dump() if message.card else None,
+            policy=message.policy,
         )
-    state.history.append({"turn": message.turn, "role": message.role, "text": message.text})
+    line = {"turn": message.turn, "role": message.role, "text": message.text}
+    if message.remedy:
+        line["remedy"] = message.remedy
+    state.history.append(line)
     state.last_turn = message.turn
     if message.final:
         state.ended, state.end_reason = True, message.end_reason
@@ -203,10 +249,14 @@ def handle(
     if message.role == config.role:
         return Outcome(state)  # our own line, read back: remembered, not answered
 
-    reply_message = _reply(state, message, config, responder)
-    state.history.append(
-        {"turn": reply_message.turn, "role": config.role, "text": reply_message.text}
-    )
+    phrases = getattr(opening, "phrases", None)
+    reply_message, raw = _reply(state, message, config, responder, phrases)
+    line = {"turn": reply_message.turn, "role": config.role, "text": reply_message.text}
+    if reply_message.remedy and reply_message.role == "agent":
+        line["remedy"] = reply_message.remedy
+    if raw and raw != reply_message.text:
+        line["raw"] = raw
+    state.history.append(line)
     state.last_turn = reply_message.turn
     out = [reply_message]
     if reply_message.final:
@@ -276,20 +326,52 @@ def _check_order(
     )
 
 
+def ending(
+    role: Role, reply: Reply, answering: str, earlier_remedy: str | None, phrases: Any = None
+) -> tuple[str | None, ConversationOutcome | None]:
+    """(end_reason, outcome) of a turn that ends the conversation, else (None, None).
+
+    A structured decision decides; without one (a responder that gives none), a customer's
+    goodbye by its words does. A customer that accepts has its problem `resolved`, one that
+    leaves fed up `gave_up`; an agent that closes the chat leaves it `resolved` when a remedy
+    was offered, else `unresolved`.
+    """
+    decision = reply.decision
+    if decision is None:
+        if is_goodbye_turn(role, reply.text, answering, phrases):
+            return "goodbye", None
+        return None, None
+    if not decision.ends_chat:
+        return None, None
+    if decision.outcome is not None:
+        return "goodbye", decision.outcome
+    offered = decision.remedy or earlier_remedy
+    return "goodbye", "resolved" if offered else "unresolved"
+
+
 def _reply(
-    state: ConversationState, message: ChatMessage, config: BotConfig, responder: Responder
-) -> ChatMessage:
+    state: ConversationState,
+    message: ChatMessage,
+    config: BotConfig,
+    responder: Responder,
+    phrases: Any = None,
+) -> tuple[ChatMessage, str]:
     turn = message.turn + 1
-    final, end_reason = False, None
+    final, end_reason, outcome, remedy = False, None, None, None
     try:
         reply = responder.respond(config.role, state)
         text = reply.text[:MAX_TEXT_CHARS]
+        if reply.decision is not None and config.role == "agent":
+            remedy = reply.decision.remedy
         if reply.loop:
             final, end_reason = True, "loop"
-        elif is_goodbye_turn(config.role, text, message.text):
-            final, end_reason = True, "goodbye"
-        elif turn >= config.max_turns - 1:
-            final, end_reason = True, "turn_limit"
+        else:
+            end_reason, outcome = ending(config.role, reply, message.text, state.remedy, phrases)
+            final = end_reason is not None
+            if not final and turn >= config.max_turns - 1:
+                final, end_reason, outcome = True, "turn_limit", "unresolved"
+        if outcome == "resolved" and remedy is None:
+            remedy = state.remedy  # the remedy the customer accepted
     except Exception as exc:  # a conversation never dies silently: it ends with a reason
         logger.exception("%s bot failed on %s turn %s", config.role, state.conversation_id, turn)
         reply = Reply(text="")
@@ -311,4 +393,8 @@ def _reply(
         latency_ms=reply.latency_ms,
         final=final,
         end_reason=end_reason,
-    )
+        card=state.card,
+        policy=state.policy,
+        outcome=outcome,
+        remedy=remedy,
+    ), reply.raw_text

@@ -11,6 +11,7 @@ Llama-2 chat models, whose GGUF files carry no template, are wrapped in langchai
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import re
@@ -27,6 +28,7 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, System
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from supportsim.bots.conversation import Decision
 from supportsim.bots.models import DEFAULT_MODEL, ModelFile, Progress, resolve_model
 from supportsim.messages import MAX_TEXT_CHARS
 
@@ -88,6 +90,8 @@ class LLMConfig(BaseSettings):
     context_margin: int = Field(default=16, ge=0)
     # further attempts, each hotter, when a reply is empty or repeats an earlier line
     retries: int = Field(default=2, ge=0, le=5)
+    # reply and decision (ends the chat? which remedy?) as schema-constrained JSON
+    structured: bool = True
 
     @property
     def max_prompt_tokens(self) -> int:
@@ -113,6 +117,8 @@ class Reply:
     raw_text: str = field(default="", repr=False)
     # prompt tokens the model actually read (the rest came from a saved state or server cache)
     evaluated_prompt_tokens: int | None = None
+    # the structured decision of the turn (None when the model was not asked for one)
+    decision: Decision | None = None
 
     @property
     def retried(self) -> bool:
@@ -143,6 +149,7 @@ class ChatModel(Protocol):
         seed: int | None = None,
         repeat_penalty: float | None = None,
         conversation: str = "",
+        schema: dict[str, Any] | None = None,
     ) -> Reply: ...
 
 
@@ -171,6 +178,7 @@ class ChatLLM:
 
         self.states = attach_state_cache(client, config.prompt_cache_mb)
         self._evaluated: list[int] = []
+        self._grammars: dict[str, Any] = {}
         count_evaluated_tokens(client, self._evaluated)
 
     @classmethod
@@ -250,6 +258,7 @@ class ChatLLM:
         seed: int | None = None,
         repeat_penalty: float | None = None,
         conversation: str = "",
+        schema: dict[str, Any] | None = None,
     ) -> Reply:
         """Generate the next line after `messages` (which must fit :attr:`max_prompt_tokens`).
 
@@ -257,6 +266,8 @@ class ChatLLM:
         speaker's own names, stripped when the model puts one in front of its line. Sampling
         overrides apply to this call only. `conversation` names whose saved llama.cpp state the
         prompt continues (see :mod:`supportsim.bots.states`), so only its new tokens are read.
+        `schema` (a JSON schema) constrains the output with a llama.cpp grammar; the reply's
+        text is then the raw JSON, for the caller to parse.
         """
         if seed is None and self.config.seed < 0:
             seed = self._seeds.randrange(2**31)
@@ -270,6 +281,8 @@ class ChatLLM:
             if value is not None
         }
         stops = list(dict.fromkeys([*stop, *TEMPLATE_END_TOKENS]))
+        if schema is not None:
+            overrides["grammar"] = self._grammar(schema)
         if self.prompt_format == "llama2":
             messages = _llama2_messages(messages)
         with self._lock:
@@ -290,7 +303,9 @@ class ChatLLM:
         if completion_tokens is None:
             completion_tokens = self._token_count(raw, add_bos=False)
         return Reply(
-            text=clean_reply(
+            text=raw.strip()
+            if schema is not None
+            else clean_reply(
                 raw,
                 labels,
                 self.config.max_reply_chars,
@@ -303,6 +318,15 @@ class ChatLLM:
             raw_text=raw,
             evaluated_prompt_tokens=evaluated,
         )
+
+    def _grammar(self, schema: dict[str, Any]) -> Any:
+        """The llama.cpp grammar of a JSON schema (built once per schema)."""
+        key = json.dumps(schema, sort_keys=True)
+        if key not in self._grammars:
+            from llama_cpp import LlamaGrammar
+
+            self._grammars[key] = LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+        return self._grammars[key]
 
     def _token_count(self, text: str, *, add_bos: bool) -> int:
         if not text:

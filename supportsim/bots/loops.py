@@ -1,8 +1,9 @@
 """Spotting a conversation that goes in circles, and one that is over.
 
-Small models start echoing the other side after a few exchanges (measured with the 1.5B model:
-after 3-4 exchanges), so every reply is checked against what was said before. Both checks are pure
-functions of text.
+Small models start echoing the other side after a few exchanges, so every reply is checked
+against what was said before (word runs, any language). The checks that need words (a farewell,
+an agent's phrases in the customer's mouth, thanks) take them from the scenario's ``checks.yaml``
+(:class:`Phrases`). All checks are pure functions of text.
 """
 
 from __future__ import annotations
@@ -11,6 +12,11 @@ import difflib
 import re
 import unicodedata
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import yaml
 
 DUPLICATE_THRESHOLD = 0.85
 # texts are compared word by word (characters would cost seconds on long messages)
@@ -31,51 +37,124 @@ MIN_COPIED_CUE_RUN = 4
 _WORD = re.compile(r"[\w']+")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 _CLAUSE_BREAK = re.compile(r"[,;:]|\s[-\u2013\u2014]\s")
-_NEGATION = re.compile(r"\b(?:not|never|cannot|without|before|until)\b|n't\b")
-_FAREWELL = re.compile(
-    r"""\b(?:
-        good[\s-]?bye
-      | bye(?:[\s-]bye)?(?:\s+(?:now|for\s+now))?
-      | farewell
-      | take\s+care
-      | see\s+you(?:\s+(?:later|soon|around))?
-      | talk\s+(?:to\s+you\s+)?(?:later|soon)
-      | have\s+a\s+(?:nice|good|great|lovely|wonderful|pleasant|fantastic)
-            (?:\s+(?:rest\s+of\s+(?:the|your)\s+)?(?:day|evening|night|weekend|week|one|trip|flight))?
-      | (?:that's|that\s+is|that\s+was)\s+all(?:\s+(?:for\s+now|i\s+needed|i\s+need))?
-    )$""",
-    re.VERBOSE,
-)
-# an agent's offer to close: "Is there anything else I can help you with?"
-_CLOSING_OFFER = re.compile(
-    r"""\b(?:
-        (?:is\s+there\s+)?anything\s+else
-      | any(?:thing)?\s+(?:other|more|further)\s+(?:questions?|issues?|concerns?|help|problems?)
-      | (?:other|more|further)\s+(?:questions?|concerns?|assistance)
-    )\b""",
-    re.VERBOSE,
-)
-# what a support agent says and a customer does not: "How can I assist you?", "Thank you for
-# reaching out", "I'm sorry to hear about your laptop"; matched on normalised text
-_AGENT_SPEAK = re.compile(
-    r"""\b(?:
-        how\s+(?:can|may|could)\s+i\s+(?:help|assist)
-      | (?:i'm|i\s+am|we're|we\s+are)\s+(?:here|happy|glad|always\s+here)\s+to\s+(?:help|assist)
-      | (?:i'll|i\s+will|we'll|we\s+will)\s+do\s+(?:my|our)\s+best\s+to\s+(?:help|assist)
-      | thank(?:s|\s+you)\s+for\s+(?:contacting|reaching\s+out|choosing)
-      | sorry\s+to\s+hear\s+(?:that\s+)?(?:about\s+)?your
-      | i\s+understand\s+your\s+frustration
-      | feel\s+free\s+to\s+(?:ask|reach\s+out|contact)
-      | don't\s+hesitate\s+to
-      | so\s+(?:that\s+)?i\s+can\s+(?:help|assist)\s+you
-      | (?:can't|cannot)\s+assist\s+with
-      | as\s+an\s+ai
-    )\b""",
-    re.VERBOSE,
-)
-_THANKS = re.compile(r"\b(?:thank|thanks|thankful|appreciate|appreciated|grateful)\b")
-# words that carry on a complaint after the thanks
-_GOING_ON = re.compile(r"\b(?:but|still|however|yet|although|though|unfortunately)\b")
+CHECKS_FILE = "checks.yaml"
+PHRASE_LISTS = ("farewell", "closing_offer", "agent_voice", "thanks", "going_on", "negation")
+
+
+class PhrasesError(ValueError):
+    """A scenario's checks.yaml is missing or malformed."""
+
+
+@dataclass(frozen=True)
+class Phrases:
+    """The phrases of a scenario's reply checks (its ``checks.yaml``), compiled.
+
+    Each list holds regular expressions matched on :func:`normalise`d text, so a scenario in
+    another language brings its own words and the checks stay the same code.
+    """
+
+    farewell: re.Pattern[str]
+    closing_offer: re.Pattern[str]
+    agent_voice: re.Pattern[str]
+    thanks: re.Pattern[str]
+    going_on: re.Pattern[str]
+    negation: re.Pattern[str]
+
+    @classmethod
+    def load(cls, folder: Path) -> Phrases:
+        """Read and compile ``checks.yaml`` of a scenario folder."""
+        path = folder / CHECKS_FILE
+        if not path.is_file():
+            raise PhrasesError(f"scenario file {path} is missing")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            patterns = {}
+            for name in PHRASE_LISTS:
+                entries = [str(e) for e in data[name]]
+                if not entries:
+                    raise ValueError(f"{name} has no entries")
+                # a farewell must close its clause; the other lists match anywhere
+                end = "$" if name == "farewell" else r"\b"
+                patterns[name] = re.compile(r"\b(?:" + "|".join(entries) + ")" + end)
+        except (KeyError, TypeError, ValueError, re.error, yaml.YAMLError) as exc:
+            raise PhrasesError(f"{path} is malformed: {type(exc).__name__}: {exc}") from None
+        return cls(**patterns)
+
+    def is_goodbye(self, text: str) -> bool:
+        """True when `text` ends the conversation with a farewell.
+
+        The farewell has to close the last sentence, or the one before it ("Bye! Thanks
+        again."), the text must not end with a question, and the farewell must not sit in a
+        negated clause, so "I don't want to say goodbye to my money" or "I'm not saying goodbye"
+        do not count. Thanks alone is no farewell: the models thank the other side in the middle
+        of a chat all the time.
+        """
+        sentences = [s.strip() for s in _SENTENCE_END.split(text.strip()) if normalise(s)]
+        if not sentences or sentences[-1].endswith("?"):
+            return False
+        return any(self._closes_with_farewell(sentence) for sentence in sentences[-2:])
+
+    def _closes_with_farewell(self, sentence: str) -> bool:
+        if sentence.endswith("?"):
+            return False
+        clauses = [normalise(c) for c in _CLAUSE_BREAK.split(sentence)]
+        clauses = [c for c in clauses if c]
+        if not clauses:
+            return False
+        last = clauses[-1]
+        if not self.farewell.search(last) and len(clauses) > 1 and len(last.split()) <= 3:
+            # a short form of address or thanks after the farewell: "bye, Sam", "that's all"
+            last = clauses[-2]
+        return self.farewell.search(last) is not None and self.negation.search(last) is None
+
+    def offers_more_help(self, text: str) -> bool:
+        """True when one of the last two sentences of `text` offers "anything else" or more help.
+
+        From the agent, this winds the chat up. From the customer, it is the model slipping into
+        the helper's role ("If you have any other questions, let me know."): the reply is retried.
+        """
+        sentences = [normalise(s) for s in _SENTENCE_END.split(text.strip())]
+        sentences = [s for s in sentences if s]
+        return any(self.closing_offer.search(sentence) for sentence in sentences[-2:])
+
+    def sounds_like_agent(self, text: str) -> bool:
+        """True when a customer's `text` slips into the helper's role.
+
+        Small models trained as assistants do it all the time: "How can I assist you today?",
+        "Thank you for reaching out", "I'm sorry to hear about your laptop", "feel free to ask",
+        or an offer of "anything else" (:meth:`offers_more_help`). The customer bot retries it.
+        """
+        return self.offers_more_help(text) or self.agent_voice.search(normalise(text)) is not None
+
+    def is_closing_line(self, text: str) -> bool:
+        """True when an agent's `text` winds the chat up: a farewell or "anything else?".
+
+        The customer bot is told it may say goodbye after such a line (a small model otherwise
+        echoes the offer back), and its thanks in answer to it ends the chat (:meth:`is_thanks`).
+        """
+        return self.is_goodbye(text) or self.offers_more_help(text)
+
+    def is_thanks(self, text: str) -> bool:
+        """True when `text` only thanks: no question, no "but" or "still", nothing negated.
+
+        "Thank you, I appreciate your help." is thanks; "Thanks, but it still doesn't charge."
+        and "Thanks. When will it arrive?" are not.
+        """
+        words = normalise(text)
+        return (
+            "?" not in text
+            and self.thanks.search(words) is not None
+            and self.going_on.search(words) is None
+            and self.negation.search(words) is None
+        )
+
+
+@cache
+def default_phrases() -> Phrases:
+    """The phrases of the default scenario, for callers that have no scenario at hand."""
+    from supportsim.bots.prompts import DEFAULT_SCENARIO, PROMPTS_ROOT
+
+    return Phrases.load(PROMPTS_ROOT / DEFAULT_SCENARIO)
 
 
 def normalise(text: str) -> str:
@@ -186,73 +265,25 @@ def copies_words_of(text: str, source: str, run: int = MIN_COPIED_CUE_RUN) -> bo
 
 
 def is_goodbye(text: str) -> bool:
-    """True when `text` ends the conversation with a farewell.
-
-    The farewell has to close the last sentence, or the one before it ("Bye! Thanks again."),
-    the text must not end with a question, and the farewell must not sit in a negated clause, so
-    "I don't want to say goodbye to my money" or "I'm not saying goodbye" do not count. Thanks
-    alone is no farewell: the models thank the other side in the middle of a chat all the time.
-    """
-    sentences = [s.strip() for s in _SENTENCE_END.split(text.strip()) if normalise(s)]
-    if not sentences or sentences[-1].endswith("?"):
-        return False
-    return any(_closes_with_farewell(sentence) for sentence in sentences[-2:])
-
-
-def _closes_with_farewell(sentence: str) -> bool:
-    if sentence.endswith("?"):
-        return False
-    clauses = [normalise(c) for c in _CLAUSE_BREAK.split(sentence)]
-    clauses = [c for c in clauses if c]
-    if not clauses:
-        return False
-    last = clauses[-1]
-    if not _FAREWELL.search(last) and len(clauses) > 1 and len(last.split()) <= 3:
-        # a short form of address or thanks after the farewell: "bye, Sam", "that's all, thanks"
-        last = clauses[-2]
-    return _FAREWELL.search(last) is not None and _NEGATION.search(last) is None
+    """:meth:`Phrases.is_goodbye` with the default scenario's phrases."""
+    return default_phrases().is_goodbye(text)
 
 
 def offers_more_help(text: str) -> bool:
-    """True when one of the last two sentences of `text` offers "anything else" or more help.
-
-    From the agent, this winds the chat up. From the customer, it is the model slipping into the
-    helper's role ("If you have any other questions, let me know."): the reply is retried.
-    """
-    sentences = [normalise(s) for s in _SENTENCE_END.split(text.strip())]
-    sentences = [s for s in sentences if s]
-    return any(_CLOSING_OFFER.search(sentence) for sentence in sentences[-2:])
+    """:meth:`Phrases.offers_more_help` with the default scenario's phrases."""
+    return default_phrases().offers_more_help(text)
 
 
 def sounds_like_agent(text: str) -> bool:
-    """True when a customer's `text` slips into the helper's role.
-
-    Small models trained as assistants do it all the time: "How can I assist you today?", "Thank
-    you for reaching out", "I'm sorry to hear about your laptop", "feel free to ask", or an offer
-    of "anything else" (:func:`offers_more_help`). The customer bot retries such a reply.
-    """
-    return offers_more_help(text) or _AGENT_SPEAK.search(normalise(text)) is not None
+    """:meth:`Phrases.sounds_like_agent` with the default scenario's phrases."""
+    return default_phrases().sounds_like_agent(text)
 
 
 def is_closing_line(text: str) -> bool:
-    """True when an agent's `text` winds the chat up: a farewell, or an offer of "anything else".
-
-    The customer bot is told it may say goodbye after such a line (a small model otherwise echoes
-    the offer back), and its thanks in answer to it ends the chat (:func:`is_thanks`).
-    """
-    return is_goodbye(text) or offers_more_help(text)
+    """:meth:`Phrases.is_closing_line` with the default scenario's phrases."""
+    return default_phrases().is_closing_line(text)
 
 
 def is_thanks(text: str) -> bool:
-    """True when `text` only thanks: no question, no "but" or "still", nothing negated.
-
-    "Thank you, I appreciate your help." is thanks; "Thanks, but it still doesn't charge." and
-    "Thanks. When will it arrive?" are not.
-    """
-    words = normalise(text)
-    return (
-        "?" not in text
-        and _THANKS.search(words) is not None
-        and _GOING_ON.search(words) is None
-        and _NEGATION.search(words) is None
-    )
+    """:meth:`Phrases.is_thanks` with the default scenario's phrases."""
+    return default_phrases().is_thanks(text)

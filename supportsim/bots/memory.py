@@ -47,10 +47,12 @@ def chat_messages(
     if opening_cue and (not history or history[0]["role"] == role):
         messages.append(HumanMessage(content=opening_cue))
     for line in history:
-        text = str(line["text"]).strip()
+        own = line["role"] == role
+        # a bot sees its own structured lines as it wrote them, so its saved prompt stays a prefix
+        text = str((own and line.get("raw")) or line["text"]).strip()
         if not text:
             continue
-        kind = AIMessage if line["role"] == role else HumanMessage
+        kind = AIMessage if own else HumanMessage
         if isinstance(messages[-1], kind):
             messages[-1] = kind(content=f"{messages[-1].content}\n\n{text}")
         else:

@@ -1,62 +1,86 @@
 """Scenarios: the bots' prompts and persona lists, loaded from a folder under ``prompts/``.
 
 A scenario folder holds LangChain prompt files (``customer.yaml``, ``agent.yaml``, loaded with
-``load_prompt``), the agent's opening lines (``greetings.txt``) and the persona lists
-(``customer_names.txt``, ``moods.txt``, ``products.txt``, ``agent_names.txt``: one entry per line,
-``#`` starts a comment). Personas are drawn with a caller's ``random.Random``, one per
-conversation, so concurrent conversations in one process never share a mood or product.
+``load_prompt``), the agent's opening lines (``greetings.txt``), the name lists
+(``customer_names.txt``, ``agent_names.txt``: one entry per line, ``#`` starts a comment) and the
+scenario cards (``cards.yaml``: weighted moods, products with their problems, goals, the agent's
+policy; see :mod:`supportsim.bots.cards`). Personas and cards are drawn with a caller's
+``random.Random``, one per conversation, so concurrent conversations never share one.
 """
 
 from __future__ import annotations
 
 import random
+import re
 import warnings
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from langchain_core.prompts import PromptTemplate
 from langchain_core.prompts.loading import load_prompt
 
+from supportsim.bots.cards import Card, CardDeck, CardError, describe_policy
+from supportsim.bots.loops import Phrases, PhrasesError
 from supportsim.messages import Role
 
 DEFAULT_SCENARIO = "electronics"
 PROMPTS_ROOT = Path(__file__).resolve().parents[2] / "prompts"
-LIST_FILES = ("customer_names", "moods", "products", "agent_names", "greetings")
+LIST_FILES = ("customer_names", "agent_names", "greetings")
 
-# Sent as the first "other side" message when a bot must speak first (it then has nothing to
-# answer); chat models follow an instruction in a user message better than one in the system prompt.
-OPENING_CUES: dict[Role, str] = {
-    "customer": "(The support chat with {agent_name} has just opened. Write your first message.)",
-    "agent": "(A customer, {customer_name}, has just joined the chat. Greet them.)",
-}
+DIRECTIONS_FILE = "directions.yaml"
 
 
-# Given as a last system message after the message a bot answers (never stored in the history):
-# with the 1.5B model it keeps the customer from turning into a helpful assistant on the first
-# turns more often; appended to the human message instead, small models copy it into the reply.
-TURN_REMINDERS: dict[Role, str] = {
-    "customer": "(Reply as {customer_name}, the {mood} customer who needs help, in one to three "
-    "sentences.)",
-    "agent": "(Reply as {agent_name}, the support agent, in one to three sentences.)",
-}
-# added to the reminder when a reply is generated again because it repeated an earlier line
-REPEAT_WARNING = "(Say something new: do not repeat anything already said in this chat.)"
-# added to the customer's reminder for a retry when it offered help like an agent would
-OFFERED_HELP_WARNING = "(You are the customer, {customer_name}: ask for help, do not offer it.)"
-# the customer's reminder for its first message, so it opens with its problem (the 1.5B model
-# otherwise greets back like an agent, or says goodbye at once). One line in the same form as the
-# usual reminder: as a second line of its own ("(Your first message: ...)") the model copied it into
-# 3 of 14 first replies (two wordings), in this form into none of 8 (measured 2026-12-04)
-FIRST_MESSAGE_REMINDER = (
-    TURN_REMINDERS["customer"].removesuffix(".)")
-    + ": say what is wrong with your {product} and what you want.)"
-)
-# added to the customer's reminder after an agent's closing line (a farewell, "anything else?")
-WRAP_UP_CUE = (
-    "(If your problem is solved, thank {agent_name} and say goodbye. Otherwise, say what is "
-    "still wrong.)"
-)
+@dataclass(frozen=True)
+class Directions:
+    """A scenario's stage directions (its ``directions.yaml``): what a bot is told each turn.
+
+    Templates take {customer_name}, {agent_name}, {mood}, {product} and {remedies}.
+    """
+
+    opening: dict[str, str]
+    reminder: dict[str, str]
+    first_message: str
+    wrap_up: str
+    patience: str
+    structured: dict[str, str]
+    hints: dict[str, str]
+    speaker_labels: dict[str, tuple[str, ...]]
+
+    @classmethod
+    def load(cls, folder: Path) -> Directions:
+        """Read ``directions.yaml`` of a scenario folder."""
+        path = folder / DIRECTIONS_FILE
+        if not path.is_file():
+            raise ScenarioError(f"scenario file {path} is missing")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            sides = ("customer", "agent")
+            return cls(
+                opening={r: str(data["opening"][r]) for r in sides},
+                reminder={r: str(data["reminder"][r]) for r in sides},
+                first_message=str(data["first_message"]),
+                wrap_up=str(data["wrap_up"]),
+                patience=str(data["patience"]),
+                structured={r: str(data["structured"][r]) for r in sides},
+                hints={str(k): str(v) for k, v in dict(data.get("hints") or {}).items()},
+                speaker_labels={r: tuple(str(x) for x in data["speaker_labels"][r]) for r in sides},
+            )
+        except (KeyError, TypeError, ValueError, yaml.YAMLError) as exc:
+            raise ScenarioError(f"{path} is malformed: {type(exc).__name__}: {exc}") from None
+
+    def all_cues(self) -> list[str]:
+        """Every template a bot may be given: a reply that starts copying one is done."""
+        return [
+            *self.reminder.values(),
+            *self.structured.values(),
+            *self.hints.values(),
+            self.first_message,
+            self.wrap_up,
+            self.patience,
+        ]
 
 
 class ScenarioError(ValueError):
@@ -65,12 +89,15 @@ class ScenarioError(ValueError):
 
 @dataclass(frozen=True)
 class Persona:
-    """Who talks in one conversation: the customer (name, mood, product) and the agent's name."""
+    """Who talks in one conversation: the customer (name, mood, product, card), the agent's name
+    and the agent's policy for this customer."""
 
     customer_name: str
     mood: str
     product: str
     agent_name: str
+    card: Card | None = None
+    policy: dict[str, str] = field(default_factory=dict)
 
     def customer(self) -> dict[str, str]:
         """The customer persona as the message contract carries it."""
@@ -81,13 +108,21 @@ class Persona:
         return {"name": self.agent_name}
 
     @classmethod
-    def from_contract(cls, customer: dict[str, Any], agent: dict[str, Any]) -> Persona:
-        """Rebuild a persona from the `customer` and `agent` fields of a chat message."""
+    def from_contract(
+        cls,
+        customer: dict[str, Any],
+        agent: dict[str, Any],
+        card: dict[str, Any] | None = None,
+        policy: dict[str, str] | None = None,
+    ) -> Persona:
+        """Rebuild a persona from the `customer`, `agent`, `card` and `policy` of a message."""
         return cls(
             customer_name=customer["name"],
             mood=customer["mood"],
             product=customer["product"],
             agent_name=agent["name"],
+            card=Card.from_contract(card) if card else None,
+            policy=dict(policy or {}),
         )
 
     def name_of(self, role: Role) -> str:
@@ -104,10 +139,26 @@ class Scenario:
     customer_prompt: PromptTemplate
     agent_prompt: PromptTemplate
     customer_names: tuple[str, ...]
-    moods: tuple[str, ...]
-    products: tuple[str, ...]
     agent_names: tuple[str, ...]
     greetings: tuple[str, ...]
+    cards: CardDeck
+    directions: Directions
+    phrases: Phrases
+
+    @property
+    def moods(self) -> tuple[str, ...]:
+        """Every mood a customer of this scenario can have."""
+        return self.cards.mood_names
+
+    @property
+    def products(self) -> tuple[str, ...]:
+        """Every product a conversation of this scenario can be about."""
+        return self.cards.products
+
+    @property
+    def remedies(self) -> tuple[str, ...]:
+        """What the agent may offer (its structured output names one, or none)."""
+        return self.cards.remedies
 
     @classmethod
     def load(cls, scenario: str | Path = DEFAULT_SCENARIO, root: Path = PROMPTS_ROOT) -> Scenario:
@@ -122,21 +173,34 @@ class Scenario:
                 f"{known} under {root}"
             )
         lists = {name: read_list(folder / f"{name}.txt") for name in LIST_FILES}
+        try:
+            cards = CardDeck.load(folder)
+            phrases = Phrases.load(folder)
+        except (CardError, PhrasesError) as exc:
+            raise ScenarioError(str(exc)) from None
         return cls(
             name=folder.name,
             folder=folder,
             customer_prompt=_load_prompt_file(folder / "customer.yaml"),
             agent_prompt=_load_prompt_file(folder / "agent.yaml"),
+            cards=cards,
+            directions=Directions.load(folder),
+            phrases=phrases,
             **lists,
         )
 
     def draw_persona(self, rng: random.Random) -> Persona:
-        """Draw a persona for one conversation from this scenario's lists."""
+        """Draw a persona and its card for one conversation from this scenario's lists."""
+        customer_name = rng.choice(self.customer_names)
+        agent_name = rng.choice(self.agent_names)
+        mood, card, policy = self.cards.draw(rng)
         return Persona(
-            customer_name=rng.choice(self.customer_names),
-            mood=rng.choice(self.moods),
-            product=rng.choice(self.products),
-            agent_name=rng.choice(self.agent_names),
+            customer_name=customer_name,
+            mood=mood,
+            product=card.product,
+            agent_name=agent_name,
+            card=card,
+            policy=policy,
         )
 
     def greeting(self, persona: Persona, rng: random.Random) -> str:
@@ -147,61 +211,71 @@ class Scenario:
             customer_first_name=persona.customer_name.split()[0],
         )
 
-    def open(self, conversation_id: str, rng: random.Random) -> tuple[dict, dict, str]:
-        """Draw a new conversation's (customer persona, agent persona, greeting text).
+    def open(self, conversation_id: str, rng: random.Random) -> tuple[dict, dict, str, dict]:
+        """Draw a new conversation's (customer persona, agent persona, greeting text, extra
+        message fields: the customer's `card` and the agent's `policy`).
 
         `conversation_id` is unused: `rng` is already seeded for that conversation.
         """
         persona = self.draw_persona(rng)
-        return persona.customer(), persona.agent(), self.greeting(persona, rng)
+        extra = {"card": persona.card.to_contract() if persona.card else None}
+        extra["policy"] = persona.policy
+        return persona.customer(), persona.agent(), self.greeting(persona, rng), extra
 
     def system_prompt(self, role: Role, persona: Persona) -> str:
         """The system prompt of the bot playing `role` in a conversation with `persona`."""
-        names = {"customer_name": persona.customer_name, "agent_name": persona.agent_name}
+        values = {"customer_name": persona.customer_name, "agent_name": persona.agent_name}
         if role == "customer":
+            # the card is the customer's alone: it never reaches the agent's prompt
+            values["card"] = persona.card.describe() if persona.card else ""
             prompt = self.customer_prompt.partial(mood=persona.mood, product=persona.product)
         else:
+            values["policy"] = describe_policy(persona.policy)
             prompt = self.agent_prompt
-        return prompt.format(
-            **{k: v for k, v in names.items() if k in prompt.input_variables}
-        ).strip()
+        text = prompt.format(**{k: v for k, v in values.items() if k in prompt.input_variables})
+        return re.sub(r"\n{3,}", "\n\n", text).strip()
 
     def turn_reminder(
         self,
         role: Role,
         persona: Persona,
         *,
-        repeated: bool = False,
-        offered_help: bool = False,
+        hints: Sequence[str] = (),
         wrap_up: bool = False,
         first: bool = False,
+        impatient: bool = False,
+        structured: bool = False,
     ) -> str:
         """A one-line reminder of who `role` plays, given after the message it answers.
 
-        For a retry, `repeated` adds a warning against repeating earlier lines and
-        `offered_help` one against the customer offering help. `wrap_up` (the customer's turn
-        after an agent's closing line) lets the customer say goodbye; `first` (the customer's
-        first message) tells it to open with its problem.
+        For a retry, `hints` names the checks the attempt before failed; each adds its line
+        (``hints`` in directions.yaml). `wrap_up` (the customer's turn after an agent's closing
+        line) lets the customer say goodbye; `first` (the customer's first message) tells it to
+        open with its problem; `impatient` (its patience spent with no remedy offered) tells it
+        to give up. `structured` adds what the JSON fields mean.
         """
         names = {
             "customer_name": persona.customer_name,
             "agent_name": persona.agent_name,
             "mood": persona.mood,
             "product": persona.product,
+            "remedies": ", ".join(self.remedies),
         }
+        said = self.directions
         first = first and role == "customer"
-        lines = [(FIRST_MESSAGE_REMINDER if first else TURN_REMINDERS[role]).format(**names)]
-        if wrap_up and role == "customer":
-            lines.append(WRAP_UP_CUE.format(**names))
-        if offered_help and role == "customer":
-            lines.append(OFFERED_HELP_WARNING.format(**names))
-        if repeated:
-            lines.append(REPEAT_WARNING)
+        lines = [(said.first_message if first else said.reminder[role]).format(**names)]
+        if impatient and role == "customer":
+            lines.append(said.patience.format(**names))
+        elif wrap_up and role == "customer":
+            lines.append(said.wrap_up.format(**names))
+        lines += [said.hints[h].format(**names) for h in hints if h in said.hints]
+        if structured:
+            lines.append(said.structured[role].format(**names))
         return "\n".join(lines)
 
     def opening_cue(self, role: Role, persona: Persona) -> str:
         """The instruction given to `role` when it must write a conversation's first message."""
-        return OPENING_CUES[role].format(
+        return self.directions.opening[role].format(
             agent_name=persona.agent_name, customer_name=persona.customer_name
         )
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 import time
 
-from supportsim.bots.conversation import ConversationState, Reply
+from supportsim.bots.conversation import ConversationState, Decision, Reply
 from supportsim.messages import Role
 
 CUSTOMER_LINES = [
@@ -25,12 +25,13 @@ CUSTOMER_GOODBYES = [
     "Thanks, that's all I needed. Goodbye.",
     "OK, I'll wait for the replacement. Bye.",
 ]
+# (line, the remedy it offers or None)
 AGENT_LINES = [
-    "I'm sorry to hear about your {product}, {name}. Could you tell me the order number?",
-    "Thank you. I can offer a repair, a replacement or a refund for the {product}.",
-    "I have arranged a replacement {product}; it ships within two working days.",
-    "I understand your frustration. Let me escalate this to my supervisor.",
-    "Is there anything else I can help you with today?",
+    ("I'm sorry to hear about your {product}, {name}. Could you tell me the order number?", None),
+    ("Thank you. I can offer a repair, a replacement or a refund for the {product}.", None),
+    ("I have arranged a replacement {product}; it ships within two working days.", "replacement"),
+    ("I understand your frustration. Let me escalate this to my supervisor.", "escalation"),
+    ("Is there anything else I can help you with today?", None),
 ]
 
 
@@ -48,10 +49,15 @@ class ScriptedResponder:
         start = time.monotonic()
         turn = conversation.last_turn + 1
         rng = random.Random(f"{conversation.conversation_id}/{turn}")
+        decision = Decision()
         if role == "customer" and turn >= self.goodbye_after:
             line = rng.choice(CUSTOMER_GOODBYES)
+            decision = Decision(ends_chat=True, outcome="resolved")
+        elif role == "customer":
+            line = rng.choice(CUSTOMER_LINES)
         else:
-            line = rng.choice(CUSTOMER_LINES if role == "customer" else AGENT_LINES)
+            line, remedy = rng.choice(AGENT_LINES)
+            decision = Decision(remedy=remedy)
         text = line.format(
             product=conversation.customer["product"],
             mood=conversation.customer["mood"],
@@ -64,4 +70,5 @@ class ScriptedResponder:
             prompt_tokens=sum(len(t.split()) for t in conversation.texts()),
             completion_tokens=len(text.split()),
             latency_ms=int((time.monotonic() - start) * 1000),
+            decision=decision,
         )

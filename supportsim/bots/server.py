@@ -42,6 +42,8 @@ class ServerChatLLM:
         self._chat = chat
         self.config = config
         self._model_name = model_name
+        # the response_format form this server takes, asked at the first structured turn
+        self._response_form: str | None = None
 
     @classmethod
     def connect(cls, config: LLMConfig) -> ServerChatLLM:
@@ -95,11 +97,15 @@ class ServerChatLLM:
         seed: int | None = None,
         repeat_penalty: float | None = None,
         conversation: str = "",
+        schema: dict[str, Any] | None = None,
     ) -> Reply:
         """Generate the next line after `messages` on the server.
 
         The server formats the prompt and reuses its prefix cache by itself, so `conversation`
         is not needed; `repeat_penalty` is not part of the chat-completions API and is not sent.
+        `schema` constrains the output through the request's ``response_format`` (the OpenAI
+        ``json_schema`` form, or llama.cpp's ``json_object`` + schema form for a server that
+        refuses the first); the reply's text is then the raw JSON, for the caller to parse.
         Raises the openai client's error when the server still fails after its retries.
         """
         overrides: dict[str, Any] = {"stop": list(dict.fromkeys(stop)) or None}
@@ -108,7 +114,10 @@ class ServerChatLLM:
         if seed is not None or self.config.seed >= 0:
             overrides["seed"] = seed if seed is not None else self.config.seed
         started = time.perf_counter()
-        message = self._chat.invoke(list(messages), **overrides)
+        if schema is None:
+            message = self._chat.invoke(list(messages), **overrides)
+        else:
+            message = self._structured_invoke(list(messages), schema, overrides)
         latency_ms = round((time.perf_counter() - started) * 1000)
         raw = str(message.content)
         metadata = message.response_metadata or {}
@@ -117,7 +126,9 @@ class ServerChatLLM:
         cached = (usage.get("input_token_details") or {}).get("cache_read")
         finish_reason = metadata.get("finish_reason")
         return Reply(
-            text=clean_reply(
+            text=raw.strip()
+            if schema is not None
+            else clean_reply(
                 raw, labels, self.config.max_reply_chars, truncated=finish_reason == "length"
             ),
             prompt_tokens=prompt_tokens,
@@ -127,6 +138,47 @@ class ServerChatLLM:
             raw_text=raw,
             evaluated_prompt_tokens=None if cached is None else max(0, prompt_tokens - cached),
         )
+
+    def _structured_invoke(
+        self, messages: list[BaseMessage], schema: dict[str, Any], overrides: dict[str, Any]
+    ) -> Any:
+        """One request with `schema` as its response format, in the form the server takes."""
+        if self._response_form is None:
+            self._response_form = _response_form(self.config, self._model_name)
+        if self._response_form == "json_schema":
+            response_format: dict[str, Any] = {
+                "type": "json_schema",
+                "json_schema": {"name": "turn", "schema": schema, "strict": True},
+            }
+        else:
+            response_format = {"type": "json_object", "schema": schema}
+        return self._chat.invoke(messages, response_format=response_format, **overrides)
+
+
+def _response_form(config: LLMConfig, model: str) -> str:
+    """Which response format the server takes: OpenAI's ``json_schema``, or ``json_object``
+    with a ``schema`` (llama.cpp's server), asked once with a one-token request."""
+    headers = {}
+    if config.api_key:
+        headers["Authorization"] = f"Bearer {config.api_key.get_secret_value()}"
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "{}"}],
+        "max_tokens": 1,
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "probe", "schema": {"type": "object"}},
+        },
+    }
+    url = config.base_url.rstrip("/") + "/chat/completions"
+    try:
+        response = httpx.post(url, json=body, headers=headers, timeout=config.request_timeout_s)
+    except httpx.HTTPError:
+        return "json_schema"  # not reachable now: the standard form, the requests will retry
+    if response.is_success or "response_format" not in response.text:
+        return "json_schema"
+    logger.info("%s takes json_object response formats, not json_schema", redacted(url))
+    return "json_object"
 
 
 def _probe(config: LLMConfig) -> str:

@@ -6,34 +6,33 @@ wraps it for the engine's responder interface.
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import replace
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from langchain_core.messages import BaseMessage
 
-from supportsim.bots.llm import ChatLLM, ChatModel, LLMConfig, Reply
+from supportsim.bots.conversation import turn_message_id
+from supportsim.bots.decisions import (
+    MAX_REPLY_CHARS,
+    MalformedDecisionError,
+    decision_schema,
+    parse_decision,
+)
+from supportsim.bots.llm import ChatLLM, ChatModel, LLMConfig, Reply, clean_reply
 from supportsim.bots.loops import (
     DUPLICATE_THRESHOLD,
+    Phrases,
     copies_words_of,
-    is_closing_line,
-    is_goodbye,
     is_near_duplicate,
-    sounds_like_agent,
     without_copied_sentences,
     without_cue_sentences,
 )
 from supportsim.bots.memory import bounded_messages
 from supportsim.bots.models import Progress
-from supportsim.bots.prompts import (
-    OFFERED_HELP_WARNING,
-    REPEAT_WARNING,
-    TURN_REMINDERS,
-    WRAP_UP_CUE,
-    Persona,
-    Scenario,
-)
+from supportsim.bots.prompts import Directions, Persona, Scenario
 from supportsim.messages import Role
 
 logger = logging.getLogger(__name__)
@@ -43,23 +42,8 @@ RECENT_LINES = 8
 RETRY_TEMPERATURE_STEP = 0.3
 MAX_TEMPERATURE = 1.5
 RETRY_REPEAT_PENALTY = 1.25
-REPEATS = "repeats an earlier line"
-OFFERS_HELP = "speaks like the agent instead of asking for help"
-COPIES_CUE = "copies its stage direction"
-EARLY_GOODBYE = "says goodbye before saying what is wrong"
-# which attempt is kept when every one has a problem: the lowest rank (a customer in the agent's
-# voice still moves the chat on; a copied stage direction is nonsense; a repeat is a loop)
-PROBLEM_RANK: dict[str | None, int] = {
-    None: 0,
-    OFFERS_HELP: 1,
-    EARLY_GOODBYE: 1,
-    COPIES_CUE: 2,
-    REPEATS: 3,
-}
-SPEAKER_LABELS: dict[Role, tuple[str, ...]] = {
-    "customer": ("Customer", "CUSTOMER"),
-    "agent": ("Agent", "AGENT"),
-}
+# a customer says this many lines before it may give up, or the agent offer a remedy or close
+MIN_LINES_BEFORE_GIVING_UP = 2
 
 
 class EmptyReplyError(RuntimeError):
@@ -73,6 +57,9 @@ class ConversationView(Protocol):
     customer: dict
     agent: dict
     history: list[dict]
+    last_turn: int
+    card: dict | None
+    policy: dict | None
 
 
 def other_side(role: Role) -> Role:
@@ -80,18 +67,15 @@ def other_side(role: Role) -> Role:
     return "agent" if role == "customer" else "customer"
 
 
-def stop_sequences(role: Role, persona: Persona) -> list[str]:
+def stop_sequences(role: Role, persona: Persona, directions: Directions) -> list[str]:
     """Where generation stops: the point the model starts writing the other side's line."""
     other = other_side(role)
     name = persona.name_of(other)
     first_name = name.split()[0]
-    stops = [f"{label}:" for label in SPEAKER_LABELS[other]]
+    stops = [f"{label}:" for label in directions.speaker_labels[other]]
     stops += [f"{name}:", f"\n{first_name}:", "\nUser:", "\nAssistant:"]
     # the reminders in the prompt are stage directions: a model that starts copying one is done
-    cues = (*TURN_REMINDERS.values(), REPEAT_WARNING, OFFERED_HELP_WARNING, WRAP_UP_CUE)
-    stops += ["\n(", *(_opening_words(text) for text in cues)]
-    if other == "agent":
-        stops.append("Support agent:")
+    stops += ["\n(", *(_opening_words(text) for text in directions.all_cues())]
     return list(dict.fromkeys(stops))
 
 
@@ -99,21 +83,95 @@ def _opening_words(template: str) -> str:
     return " ".join(template.split("{", 1)[0].split()[:2])
 
 
-def own_labels(role: Role, persona: Persona) -> list[str]:
+def own_labels(role: Role, persona: Persona, directions: Directions) -> list[str]:
     """Names the speaker might write in front of its own line (stripped from replies)."""
     name = persona.name_of(role)
-    return list(dict.fromkeys([name, name.split()[0], *SPEAKER_LABELS[role]]))
+    return list(dict.fromkeys([name, name.split()[0], *directions.speaker_labels[role]]))
 
 
-def _turn_flags(role: Role, history: Sequence[Mapping[str, Any]]) -> tuple[bool, bool]:
-    """(wrap_up, first): the other side just closed; the customer has not spoken yet."""
+@dataclass(frozen=True)
+class TurnView:
+    """What the reply checks see of a turn besides the attempt itself."""
+
+    role: Role
+    recent: list[str]
+    cue: str
+    first: bool
+    phrases: Phrases
+    duplicate_threshold: float
+
+
+@dataclass(frozen=True)
+class Check:
+    """A named reply check: an attempt that `fails` it is generated again.
+
+    `rank` orders the problems when every attempt has one: the attempt with the lowest rank is
+    kept (a customer in the agent's voice still moves the chat on; a copied stage direction is
+    nonsense; a repeat is a loop). The retry's reminder adds the scenario's hint of the same
+    name (``hints`` in directions.yaml), where it has one.
+    """
+
+    name: str
+    roles: tuple[Role, ...]
+    rank: int
+    fails: Callable[[Reply, TurnView], bool]
+
+
+REPEATS = "repeats"
+CHECKS: tuple[Check, ...] = (
+    Check(
+        REPEATS,
+        ("customer", "agent"),
+        3,
+        lambda r, v: is_near_duplicate(r.text, v.recent, v.duplicate_threshold),
+    ),
+    Check("agent_voice", ("customer",), 1, lambda r, v: v.phrases.sounds_like_agent(r.text)),
+    Check(
+        "early_goodbye",
+        ("customer",),
+        1,
+        lambda r, v: (
+            v.first and (r.decision.ends_chat if r.decision else v.phrases.is_goodbye(r.text))
+        ),
+    ),
+    Check("copies_cue", ("customer", "agent"), 2, lambda r, v: copies_words_of(r.text, v.cue)),
+)
+
+
+REPEATS_RANK = next(c.rank for c in CHECKS if c.name == REPEATS)
+# an empty attempt: generated again, and never the one kept
+EMPTY = Check("empty", ("customer", "agent"), 99, lambda r, v: not r.text)
+
+
+def failed_check(reply: Reply, view: TurnView) -> Check | None:
+    """The first check of :data:`CHECKS` for its role that `reply` fails, if any."""
+    return next((c for c in CHECKS if view.role in c.roles and c.fails(reply, view)), None)
+
+
+def _turn_flags(
+    role: Role, history: Sequence[Mapping[str, Any]], persona: Persona, phrases: Phrases
+) -> dict[str, bool]:
+    """wrap_up: the other side just closed; first: the customer has not spoken yet;
+    impatient: the customer's patience (from its card) is spent with no remedy offered."""
     wrap_up = (
         bool(history)
         and history[-1].get("role") != role
-        and is_closing_line(str(history[-1].get("text", "")))
+        and phrases.is_closing_line(str(history[-1].get("text", "")))
     )
-    first = role == "customer" and not any(line.get("role") == role for line in history)
-    return wrap_up, first
+    spoken = sum(1 for line in history if line.get("role") == role)
+    offered = any(line.get("remedy") for line in history)
+    return {
+        "wrap_up": wrap_up,
+        "first": role == "customer" and spoken == 0,
+        "impatient": patience_spent(role, history, persona) and not offered,
+    }
+
+
+def patience_spent(role: Role, history: Sequence[Mapping[str, Any]], persona: Persona) -> bool:
+    """True when the customer has said as many lines as its card's patience allows."""
+    if role != "customer" or persona.card is None:
+        return False
+    return sum(1 for line in history if line.get("role") == role) >= persona.card.patience
 
 
 def _bounded_prompt(
@@ -141,11 +199,25 @@ def turn_prompt(
     persona: Persona,
     role: Role,
     history: Sequence[Mapping[str, Any]],
+    *,
+    structured: bool = False,
 ) -> list[BaseMessage]:
     """The messages of a turn's first attempt, as :func:`generate_turn` sends them."""
-    wrap_up, first = _turn_flags(role, history)
-    cue = scenario.turn_reminder(role, persona, wrap_up=wrap_up, first=first)
+    flags = _turn_flags(role, history, persona, scenario.phrases)
+    cue = scenario.turn_reminder(role, persona, structured=structured, **flags)
     return _bounded_prompt(llm, scenario, persona, role, history, cue)
+
+
+def attempt_seed(seed_key: str, attempt: int, base_seed: int = -1) -> int | None:
+    """The sampling seed of one attempt at a turn, derived from the turn's message id.
+
+    A turn redone after a crash draws the same seeds, so it writes the same text. None (a
+    fresh seed) when there is no key.
+    """
+    if not seed_key:
+        return None
+    digest = hashlib.sha256(f"{seed_key}/{attempt}/{base_seed}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") % 2**31
 
 
 def generate_turn(
@@ -157,6 +229,8 @@ def generate_turn(
     *,
     duplicate_threshold: float = DUPLICATE_THRESHOLD,
     conversation: str = "",
+    structured: bool = False,
+    seed_key: str = "",
 ) -> Reply:
     """The next line of `role` in a conversation with `persona`, given its `history` so far.
 
@@ -174,43 +248,64 @@ def generate_turn(
     Token counts and latency cover every attempt. `conversation` (its id) lets the model
     continue that conversation's saved prompt state. Raises :class:`EmptyReplyError` when every
     attempt is empty.
-    """
-    wrap_up, first = _turn_flags(role, history)
 
-    def reminder(repeated: bool = False, offered_help: bool = False) -> str:
-        return scenario.turn_reminder(
+    `structured` has the model write its reply and decision as constrained JSON
+    (:mod:`supportsim.bots.decisions`); the reply carries the decision, and output that does
+    not parse counts as empty (retried). `seed_key` (the turn's message id) makes each
+    attempt's seed a function of the turn and attempt number.
+    """
+    flags = _turn_flags(role, history, persona, scenario.phrases)
+    schema = None
+    if structured:
+        offered = [line["remedy"] for line in history if line.get("remedy")]
+        customer_lines = sum(1 for line in history if line.get("role") == "customer")
+        wanted = persona.card.accepts if persona.card and persona.card.accepts else offered
+        schema = decision_schema(
             role,
-            persona,
-            repeated=repeated,
-            offered_help=offered_help,
-            wrap_up=wrap_up,
-            first=first,
+            # the agent asks before it offers: no remedy in its answer to the first complaint
+            scenario.remedies if customer_lines >= MIN_LINES_BEFORE_GIVING_UP else (),
+            # what it wants is accepted at once; anything else only once its patience is spent
+            can_accept=bool(offered)
+            and (offered[-1] in wanted or patience_spent(role, history, persona)),
+            can_give_up=flags["impatient"] or customer_lines >= MIN_LINES_BEFORE_GIVING_UP,
+            # the agent closes only a chat in which it offered something and heard the answer
+            can_close=bool(offered) and customer_lines >= MIN_LINES_BEFORE_GIVING_UP,
+            # a customer whose patience is spent takes what is offered or leaves
+            can_continue=not patience_spent(role, history, persona),
         )
+
+    def reminder(hints: Sequence[str] = ()) -> str:
+        return scenario.turn_reminder(role, persona, hints=hints, structured=structured, **flags)
 
     def prompt(cue: str, lines: Sequence[Mapping[str, Any]] = history) -> list[BaseMessage]:
         return _bounded_prompt(llm, scenario, persona, role, lines, cue)
 
-    stop = stop_sequences(role, persona)
-    labels = own_labels(role, persona)
+    stop = stop_sequences(role, persona, scenario.directions)
+    labels = own_labels(role, persona, scenario.directions)
     recent = [str(line["text"]) for line in history[-RECENT_LINES:]]
     config = llm.config
 
-    def problem(reply: Reply, cue: str) -> str | None:
-        """Why an attempt is generated again, or None when it is fine."""
+    def problem(reply: Reply, cue: str) -> Check | None:
+        """The check an attempt fails (it is generated again), or None when it is fine."""
         if not reply.text:
-            return "was empty"
-        if is_near_duplicate(reply.text, recent, duplicate_threshold):
-            return REPEATS
-        if role == "customer" and sounds_like_agent(reply.text):
-            return OFFERS_HELP
-        if first and is_goodbye(reply.text):
-            return EARLY_GOODBYE
-        if copies_words_of(reply.text, cue):
-            return COPIES_CUE
-        return None
+            return EMPTY
+        view = TurnView(role, recent, cue, flags["first"], scenario.phrases, duplicate_threshold)
+        return failed_check(reply, view)
 
     def attempt(messages: list[BaseMessage], cue: str, **sampling: Any) -> Reply:
-        reply = llm.reply(messages, stop=stop, labels=labels, conversation=conversation, **sampling)
+        seed = attempt_seed(seed_key, len(tries), config.seed)
+        if seed is not None:
+            sampling["seed"] = seed
+        reply = llm.reply(
+            messages,
+            stop=() if schema else stop,
+            labels=labels,
+            conversation=conversation,
+            schema=schema,
+            **sampling,
+        )
+        if schema is not None:
+            reply = _structured(reply, role, scenario.remedies, stop, labels, config)
         # keep what the model added to an echo of earlier lines or of its stage direction; a
         # reply that is nothing but an echo stays whole, for `problem` to see
         text = without_copied_sentences(reply.text, recent) or reply.text
@@ -221,22 +316,24 @@ def generate_turn(
         return reply
 
     cue = reminder()
-    tries = [attempt(prompt(cue), cue)]
+    tries: list[Reply] = []
+    tries.append(attempt(prompt(cue), cue))
     problems = [problem(tries[-1], cue)]
     retry_cue, retry_prompt = cue, None
     while problems[-1] is not None and len(tries) <= config.retries:
         logger.info(
-            "%s reply %s; retrying with hotter sampling (%d of %d)",
+            "%s reply failed check %s; retrying with hotter sampling (%d of %d)",
             role,
-            problems[-1],
+            problems[-1].name,
             len(tries),
             config.retries,
         )
+        names = [p.name for p in problems if p is not None]
         if retry_prompt is None:  # built once: it tokenises the whole history
-            retry_cue = reminder(repeated=REPEATS in problems, offered_help=OFFERS_HELP in problems)
+            retry_cue = reminder(hints=list(dict.fromkeys(names)))
             retry_prompt = prompt(retry_cue)
         messages = retry_prompt
-        if len(tries) == config.retries and REPEATS in problems and len(history) > 1:
+        if len(tries) == config.retries and REPEATS in names and len(history) > 1:
             # the last resort against a loop: only the message being answered is left to copy
             messages = prompt(retry_cue, history[-1:])
         tries.append(
@@ -251,13 +348,14 @@ def generate_turn(
             )
         )
         problems.append(problem(tries[-1], retry_cue))
-    written = [(t, p) for t, p in zip(tries, problems, strict=True) if t.text]
+    written = [(t, 0 if p is None else p.rank) for t, p in zip(tries, problems, strict=True)]
+    written = [(t, rank) for t, rank in written if t.text]
     if not written:
         raise EmptyReplyError(f"the model wrote nothing for the {role}, {len(tries)} times")
     # the last attempt with the mildest problem (none at best); only repeats left is a loop
-    mildest = min(PROBLEM_RANK[p] for _, p in written)
-    chosen = [t for t, p in written if PROBLEM_RANK[p] == mildest][-1]
-    loop = mildest == PROBLEM_RANK[REPEATS]
+    mildest = min(rank for _, rank in written)
+    chosen = [t for t, rank in written if rank == mildest][-1]
+    loop = mildest == REPEATS_RANK
     if loop and len(tries) > 1:
         logger.warning(
             "%s reply still repeats an earlier line after %d retries", role, len(tries) - 1
@@ -274,7 +372,35 @@ def generate_turn(
         attempts=len(tries),
         raw_text=chosen.raw_text,
         evaluated_prompt_tokens=_total(t.evaluated_prompt_tokens for t in tries),
+        decision=chosen.decision,
     )
+
+
+def _structured(
+    reply: Reply,
+    role: Role,
+    remedies: Sequence[str],
+    stop: Sequence[str],
+    labels: Sequence[str],
+    config: LLMConfig,
+) -> Reply:
+    """`reply`, whose text is the model's JSON, as its cleaned reply text and decision.
+
+    The stop strings, not given to the model (they could cut the JSON), cut the reply text.
+    Output that does not parse becomes an empty reply, which the caller retries.
+    """
+    try:
+        text, decision = parse_decision(
+            role, reply.text, remedies, truncated=reply.finish_reason == "length"
+        )
+    except MalformedDecisionError as exc:
+        logger.info("%s reply is not the structured output asked for: %s", role, exc)
+        return replace(reply, text="", raw_text=reply.text, decision=None)
+    for marker in stop:
+        text = text.split(marker, 1)[0]
+    cut = reply.finish_reason == "length" or len(text) >= MAX_REPLY_CHARS
+    text = clean_reply(text, labels, config.max_reply_chars, truncated=cut)
+    return replace(reply, text=text, raw_text=reply.text, decision=decision)
 
 
 def _total(counts: Iterable[int | None]) -> int | None:
@@ -290,10 +416,11 @@ class LLMResponder:
     where the state carries the `customer` and `agent` persona dicts and the `history`.
     """
 
-    def __init__(self, llm: ChatModel, scenario: Scenario) -> None:
+    def __init__(self, llm: ChatModel, scenario: Scenario, *, structured: bool | None = None):
         self.llm = llm
         self.scenario = scenario
         self.model_name = llm.model_name
+        self.structured = llm.config.structured if structured is None else structured
 
     @classmethod
     def from_env(cls, scenario: Scenario, *, progress: Progress | None = None) -> LLMResponder:
@@ -307,7 +434,9 @@ class LLMResponder:
 
     def respond(self, role: Role, conversation: ConversationView) -> Reply:
         """The reply of `role` to the conversation so far."""
-        persona = Persona.from_contract(conversation.customer, conversation.agent)
+        persona = Persona.from_contract(
+            conversation.customer, conversation.agent, conversation.card, conversation.policy
+        )
         return generate_turn(
             self.llm,
             self.scenario,
@@ -316,4 +445,6 @@ class LLMResponder:
             conversation.history,
             # one saved state per side: each side's prompt is its own view of the conversation
             conversation=f"{conversation.conversation_id}/{role}",
+            structured=self.structured,
+            seed_key=turn_message_id(conversation.conversation_id, conversation.last_turn + 1),
         )

@@ -6,6 +6,7 @@ messages, stop sequences, cleaning, counting, trimming, the retry path), not con
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 from importlib import metadata
@@ -20,7 +21,7 @@ from supportsim.bots.models import ModelError, resolve_model
 from supportsim.bots.prompts import Scenario
 from supportsim.bots.turns import LLMResponder, generate_turn
 
-N_CTX = 512
+N_CTX = 640
 MAX_TOKENS = 48
 
 pytest.importorskip("llama_cpp", reason="the bots extra (llama-cpp-python) is not installed")
@@ -40,7 +41,8 @@ def scenario() -> Scenario:
 
 @pytest.fixture
 def persona(scenario):
-    return scenario.draw_persona(random.Random(11))
+    # no card: these tests are about the model layer, not the customer's patience or facts
+    return dataclasses.replace(scenario.draw_persona(random.Random(11)), card=None, policy={})
 
 
 def test_the_model_loads_with_its_own_chat_template(llm):
@@ -194,17 +196,22 @@ def test_llm_settings_come_from_llm_variables(monkeypatch):
 def test_responder_answers_a_conversation_state(llm, scenario):
     from supportsim.bots.conversation import ConversationState
 
-    customer, agent, greeting = scenario.open("any", random.Random(4))
+    customer, agent, greeting, extra = scenario.open("any", random.Random(4))
     state = ConversationState(
         "c1",
         customer=customer,
         agent=agent,
         history=[{"turn": 0, "role": "agent", "text": greeting}],
+        card=extra["card"],
+        policy=extra["policy"],
     )
     responder = LLMResponder(llm, scenario)
-    assert responder.model_name == llm.model_name
+    assert responder.model_name == llm.model_name and responder.structured
     reply = responder.respond("customer", state)
     assert reply.text and reply.prompt_tokens > 0
+    # the real model's constrained output parsed: a first message decides to go on
+    assert reply.decision is not None and not reply.decision.ends_chat
+    assert not reply.text.lstrip().startswith("{")
 
 
 def test_assembly_is_verified_atomic_and_done_once(tmp_path, monkeypatch):

@@ -191,8 +191,8 @@ def test_a_failing_server_ends_the_conversation_with_error_after_retries(
     reason = "Error code: 500 - model crashed" if server == "answers 500" else "Connection error"
     assert "bot failed" in caplog.text and reason in caplog.text
     if server == "answers 500":
-        # the probe, then the first request and its two retries
-        assert hits.count("/v1/chat/completions") == 3
+        # the response-format check, then the first request and its two retries
+        assert hits.count("/v1/chat/completions") == 1 + 3
     assert time.monotonic() - started > 0.5  # the retries waited (backoff), not spun
 
 
@@ -237,3 +237,7 @@ def test_a_whole_conversation_runs_through_the_server(llm_server, service_env, b
             conversation[-1]["end_reason"] != "error"
             or "EmptyReplyError" in (conversation[-1]["text"])
         ), conversation[-1]
+        # structured turns through the server's response format: the ending carries an outcome
+        if conversation[-1]["end_reason"] != "error":
+            assert conversation[-1]["outcome"] in ("resolved", "unresolved", "gave_up")
+            assert not any(m["text"].lstrip().startswith('{"') for m in replies)

@@ -44,8 +44,8 @@ def scenario() -> Scenario:
 def conversations(scenario: Scenario, count: int) -> list[ConversationState]:
     states = []
     for index in range(count):
-        customer, agent, greeting = scenario.open(f"c{index}", random.Random(index))
-        state = ConversationState(f"c{index}", customer=customer, agent=agent)
+        customer, agent, greeting, extra = scenario.open(f"c{index}", random.Random(index))
+        state = ConversationState(f"c{index}", customer=customer, agent=agent, **extra)
         state.history.append({"turn": 0, "role": "agent", "text": greeting})
         states.append(state)
     return states
@@ -59,7 +59,9 @@ def interleave(llm: ChatLLM, scenario: Scenario, states, rounds: int) -> list[tu
         for state in states:
             for role in ("customer", "agent"):
                 reply = responder.respond(role, state)
-                state.history.append({"turn": len(state.history), "role": role, "text": reply.text})
+                line = {"turn": len(state.history), "role": role, "text": reply.text}
+                # as the bots keep it: their own structured line as the model wrote it
+                state.history.append({**line, "raw": reply.raw_text})
                 replies.append((state.conversation_id, reply))
     return replies
 

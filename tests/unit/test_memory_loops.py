@@ -488,15 +488,18 @@ def test_clean_reply_drops_an_unfinished_last_sentence_when_cut_by_the_token_lim
     assert clean_reply(listed, truncated=True) == "Options:\n\n1. A repair.\n\n2. A refund."
 
 
+DIRECTIONS = load_scenario().directions
+
+
 def test_stop_sequences_cover_the_other_side_only():
     persona = Persona("Grace Liu", "anxious", "e-reader", "Quinn")
-    customer_stops = stop_sequences("customer", persona)
+    customer_stops = stop_sequences("customer", persona, DIRECTIONS)
     assert {"Agent:", "AGENT:", "Quinn:"} <= set(customer_stops)
     assert not any(s.startswith(("Customer", "Grace")) for s in customer_stops)
-    agent_stops = stop_sequences("agent", persona)
+    agent_stops = stop_sequences("agent", persona, DIRECTIONS)
     assert {"Customer:", "CUSTOMER:", "Grace Liu:", "\nGrace:"} <= set(agent_stops)
     assert not any("Quinn" in s or s.startswith("Agent") for s in agent_stops)
-    assert own_labels("customer", persona)[:2] == ["Grace Liu", "Grace"]
+    assert own_labels("customer", persona, DIRECTIONS)[:2] == ["Grace Liu", "Grace"]
     assert {"\n(", "(Reply as", "(Say something"} <= set(customer_stops) & set(agent_stops)
 
 

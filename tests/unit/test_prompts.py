@@ -19,7 +19,7 @@ from supportsim.bots.prompts import (
     ScenarioError,
     read_list,
 )
-from supportsim.messages import AgentPersona, CustomerPersona
+from supportsim.messages import AgentPersona, CustomerPersona, ScenarioCard
 
 SCENARIOS = ["electronics", "travel"]
 
@@ -36,7 +36,8 @@ def test_prompt_files_load_with_langchain_load_prompt(name, role):
         warnings.simplefilter("ignore", DeprecationWarning)
         prompt = load_prompt(PROMPTS_ROOT / name / f"{role}.yaml", encoding="utf-8")
     assert isinstance(prompt, PromptTemplate)
-    assert set(prompt.input_variables) == {"customer_name", "agent_name"}
+    card_or_policy = "card" if role == "customer" else "policy"
+    assert set(prompt.input_variables) == {"customer_name", "agent_name", card_or_policy}
     if role == "customer":
         assert set(prompt.partial_variables) == {"mood", "product"}
 
@@ -101,9 +102,12 @@ def test_persona_draws_vary(scenario):
 
 
 def test_open_draws_contract_personas_and_a_greeting(scenario):
-    customer, agent, greeting = scenario.open("any-id", random.Random(5))
+    customer, agent, greeting, extra = scenario.open("any-id", random.Random(5))
     CustomerPersona(**customer)
     AgentPersona(**agent)
+    card = ScenarioCard(**extra["card"])
+    assert card.product == customer["product"] and card.scenario == scenario.name
+    assert extra["policy"] and all(isinstance(v, str) for v in extra["policy"].values())
     assert agent["name"] in greeting
     assert customer["name"].split()[0] in greeting
     assert "{" not in greeting
@@ -126,7 +130,7 @@ def test_turn_reminder_names_who_the_bot_plays(scenario):
     customer = scenario.turn_reminder("customer", persona)
     assert "Grace Liu" in customer and "anxious" in customer and "Quinn" not in customer
     assert "Quinn" in scenario.turn_reminder("agent", persona)
-    retry = scenario.turn_reminder("customer", persona, repeated=True)
+    retry = scenario.turn_reminder("customer", persona, hints=["repeats"])
     assert retry.startswith(customer) and "repeat" in retry
 
 
@@ -161,7 +165,10 @@ def test_empty_list_file_is_an_error(tmp_path):
 def test_scenario_loads_from_a_path(tmp_path):
     folder = tmp_path / "my-shop"
     shutil.copytree(PROMPTS_ROOT / "electronics", folder)
-    (folder / "moods.txt").write_text("gloomy\n", encoding="utf-8")
+    cards = (folder / "cards.yaml").read_text(encoding="utf-8")
+    start, end = cards.index("moods:"), cards.index("reference:")
+    cards = cards[:start] + "moods:\n  - gloomy\n\n" + cards[end:]
+    (folder / "cards.yaml").write_text(cards, encoding="utf-8")
     scenario = Scenario.load(str(folder))
     assert scenario.name == "my-shop"
     assert scenario.draw_persona(random.Random(0)).mood == "gloomy"
@@ -175,8 +182,12 @@ def test_unknown_scenario_names_the_known_ones():
 def test_missing_file_is_reported(tmp_path):
     folder = tmp_path / "broken"
     shutil.copytree(PROMPTS_ROOT / "travel", folder)
-    (folder / "products.txt").unlink()
-    with pytest.raises(ScenarioError, match="products.txt"):
+    (folder / "agent_names.txt").unlink()
+    with pytest.raises(ScenarioError, match="agent_names.txt"):
+        Scenario.load(folder)
+    shutil.copy(PROMPTS_ROOT / "travel" / "agent_names.txt", folder)
+    (folder / "cards.yaml").unlink()
+    with pytest.raises(ScenarioError, match="cards.yaml"):
         Scenario.load(folder)
 
 
