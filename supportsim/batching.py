@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from confluent_kafka import KafkaException, Message, TopicPartition
 from quixstreams import Application
 
-from supportsim.streaming import transactional_producer
+from supportsim.streaming import close_producer, transactional_producer
 
 logger = logging.getLogger(__name__)
 
@@ -88,13 +88,15 @@ class BatchLoop:
                     break
         finally:
             consumer.close()
-            producer.flush(10)
+            close_producer(producer)
         return self.processed
 
     def _process(self, consumer, producer, records: list[Message]) -> None:
         outputs = self.transform(records)
+        in_transaction = False
         try:
             producer.begin_transaction()
+            in_transaction = True
             for out in outputs:
                 producer.produce(out.topic, value=out.value, key=out.key)
             producer.send_offsets_to_transaction(
@@ -103,15 +105,30 @@ class BatchLoop:
             producer.commit_transaction()
         except KafkaException as exc:
             error = exc.args[0]
-            logger.warning("transaction failed (%s); the batch will be processed again", error)
-            if error.txn_requires_abort():
-                producer.abort_transaction()
-            _rewind(consumer, records)
             if error.fatal():
                 raise
+            logger.warning("transaction failed (%s); the batch will be processed again", error)
+            # retriable or abortable alike: end it, or the next begin_transaction fails for good
+            if in_transaction:
+                _abort(producer)
+            _rewind(consumer, records)
             return
         self.processed += len(records)
         self.batches += 1
+
+
+def _abort(producer, attempts: int = 5) -> None:
+    """Abort the open transaction, retrying while the error says so."""
+    for attempt in range(attempts):
+        try:
+            producer.abort_transaction()
+            return
+        except KafkaException as exc:
+            error = exc.args[0]
+            if not error.retriable() or attempt == attempts - 1:
+                raise
+            logger.warning("aborting the transaction failed (%s); trying again", error)
+            time.sleep(0.5 * (attempt + 1))
 
 
 def _next_offsets(records: list[Message]) -> list[TopicPartition]:
@@ -124,9 +141,16 @@ def _next_offsets(records: list[Message]) -> list[TopicPartition]:
 
 
 def _rewind(consumer, records: list[Message]) -> None:
+    """Seek back to the batch's first records, on the partitions this consumer still owns.
+
+    A partition that a rebalance took away meanwhile is left alone: its new owner starts from
+    the committed offset, which the failed transaction did not move.
+    """
+    owned = {(tp.topic, tp.partition) for tp in consumer.assignment()}
     first: dict[tuple[str, int], int] = {}
     for m in records:
         key = (m.topic(), m.partition())
         first[key] = min(m.offset(), first.get(key, m.offset()))
     for (topic, partition), offset in first.items():
-        consumer.seek(TopicPartition(topic, partition, offset))
+        if (topic, partition) in owned:
+            consumer.seek(TopicPartition(topic, partition, offset))

@@ -25,15 +25,18 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import os
 import re
 from collections import Counter, deque
 from collections.abc import Iterable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
 from quixstreams.sinks import BatchingSink, SinkBatch
 
 from supportsim.settings import ServiceSettings
@@ -272,6 +275,8 @@ class DatasetSettings(ServiceSettings):
     dataset_dir: str | None = None
     # count conversations that ended in `error` or `loop` as complete
     dataset_include_failed_endings: bool = False
+    # as the aggregator's: a conversation's rows or written-marker outlive its last message by this
+    conversation_retention_s: int = Field(86_400, ge=1)
 
 
 def dataset_sink_enabled(env: dict[str, str]) -> str | None:
@@ -438,8 +443,15 @@ class DatasetSink(BatchingSink):
             logger.info("wrote %s finished conversation(s) to %s", written, self.files.directory)
 
 
-def collect_conversation(row: dict[str, Any], state) -> dict[str, Any] | None:
-    """Keep a conversation's rows in state until its final message, then hand them on once."""
+def collect_conversation(
+    row: dict[str, Any], state, retention: timedelta | None = None
+) -> dict[str, Any] | None:
+    """Keep a conversation's rows in state until its final message, then hand them on once.
+
+    Both the rows of a conversation in progress and the marker of one already handed on expire
+    `retention` after the conversation's last message (in event time, as the aggregator's state):
+    an abandoned conversation is dropped, and only a repeat within the retention is recognised.
+    """
     if state.get("done", False):
         return None  # a late or repeated message of a conversation already written
     rows = state.get("rows", [])
@@ -447,10 +459,10 @@ def collect_conversation(row: dict[str, Any], state) -> dict[str, Any] | None:
         return None
     rows.append(row)
     if not row["final"]:
-        state.set("rows", rows)
+        state.set("rows", rows, ttl=retention)
         return None
     state.delete("rows")
-    state.set("done", True)
+    state.set("done", True, ttl=retention)
     return {"conversation_id": row["conversation_id"], "rows": rows}
 
 
@@ -473,7 +485,9 @@ def run_dataset_sink(settings: DatasetSettings | None = None) -> None:
         return message_row(message, ctx.partition, ctx.offset)
 
     sdf = validated(app.dataframe(topics.scored), ScoredMessage, topics, settings.service_name)
-    sdf = sdf.apply(to_row).apply(collect_conversation, stateful=True)
+    retention = timedelta(seconds=settings.conversation_retention_s)
+    collect = functools.partial(collect_conversation, retention=retention)
+    sdf = sdf.apply(to_row).apply(collect, stateful=True)
     sink = DatasetSink(settings.dataset_dir, settings.dataset_include_failed_endings)
     sdf.filter(lambda value: value is not None).sink(sink)
     logger.info(

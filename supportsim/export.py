@@ -485,14 +485,24 @@ class ConversationStore:
 # --- writing rows ---------------------------------------------------------------------------
 
 
+# a text cell starting with one of these is run as a formula by spreadsheet programs
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
 def csv_cell(value: Any) -> Any:
-    """A value as CSV text: empty for null, true/false, JSON for lists and objects."""
+    """A value as CSV text: empty for null, true/false, JSON for lists and objects.
+
+    Text that a spreadsheet would run as a formula gets a leading `'` (as the dashboard's CSV
+    does); JSON Lines and Parquet keep the text as it is.
+    """
     if value is None:
         return ""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, dict | list):
         return json.dumps(value, ensure_ascii=False, sort_keys=True)
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
     return value
 
 

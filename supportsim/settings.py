@@ -14,6 +14,9 @@ from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 QUIX_TOKEN_VARIABLE = "Quix__Sdk__Token"  # noqa: S105 (the variable name, not a value)
+# Quix Cloud injects this per replica (quix-docs: deploy/quix-variables.md); the deployment's own
+# variables are the same for every replica, so they cannot name one
+QUIX_REPLICA_VARIABLE = "Quix__Deployment__ReplicaName"
 
 
 class KafkaSettings(BaseSettings):
@@ -65,7 +68,9 @@ class ServiceSettings(BaseSettings):
     state_dir: str = "state"
     commit_interval: float = 1.0
     log_level: str = "INFO"
-    replica_index: int | None = None  # set by `supportsim up` for each replica
+    # per process, never a deployment variable: replicas that share a transactional.id fence
+    # each other (see transactional_id_for)
+    replica_index: int | None = None
     transactional_id: str | None = None
 
     @property
@@ -78,13 +83,18 @@ class ServiceSettings(BaseSettings):
 
         The restarted replica then fences its crashed predecessor at once. With a new random id
         per process, a transaction left open by a crash holds back every read_committed reader
-        of its partitions until the broker times it out, and Tansu never does.
+        of its partitions until the broker times it out, and Tansu never does. In order:
+        `TRANSACTIONAL_ID` (set per worker process by the bots' worker supervisor),
+        `REPLICA_INDEX` (set per replica by `supportsim up`), Quix Cloud's per-replica name,
+        else host name and process id (unique, if not stable).
         """
         if self.transactional_id:
             return self.transactional_id
         if self.replica_index is not None:
             return f"{group}-{self.replica_index}"
-        return f"{group}-{socket.gethostname()}-{os.getpid()}"  # unique, if not stable
+        if replica_name := os.environ.get(QUIX_REPLICA_VARIABLE):
+            return f"{group}-{replica_name}"
+        return f"{group}-{socket.gethostname()}-{os.getpid()}"
 
     def group(self, default: str) -> str:
         """The consumer group: `CONSUMER_GROUP` if set, else the service's own default.

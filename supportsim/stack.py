@@ -34,6 +34,26 @@ LOCAL_SESSION_TIMEOUT_MS = 6000  # a first group join takes about half of it on 
 LOCAL_ISOLATION_LEVEL = "read_uncommitted"
 
 
+# the key by which `up` marks a Redis key prefix as its own (see Stack.clear_earlier_run)
+UP_RUN_KEY = "up-run"
+
+
+def _running_elsewhere(owner: dict) -> str | None:
+    """How to name the `up` that wrote `owner` if it still runs on this host, else None."""
+    pid = owner.get("pid")
+    if owner.get("host") != socket.gethostname() or not isinstance(pid, int):
+        return None
+    if pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return f"pid {pid}, run folder {owner.get('run_dir')}"
+
+
 class StackError(RuntimeError):
     """A piece the stack needs is missing; the message names the fix."""
 
@@ -61,6 +81,22 @@ class ServiceSpec:
     def exists(self) -> bool:
         """True when this checkout has the service."""
         return (REPO_ROOT / self.name / "main.py").exists()
+
+
+def checkout_problem(services: list[ServiceSpec]) -> str | None:
+    """Why `up` cannot run from where `supportsim` is installed, or None.
+
+    `up` runs each service's folder and reads the scenarios in `prompts/`, which live in a
+    checkout of the repository, not in the installed package.
+    """
+    missing = [p for p in ("prompts", "ai_customer/main.py") if not (REPO_ROOT / p).exists()]
+    if not missing and services:
+        return None
+    return (
+        f"`supportsim up` runs the services from a checkout of the repository, and {REPO_ROOT} "
+        f"is not one (no {', '.join(missing) or 'service folders'}): clone the repository and "
+        "install it from there with `pip install -e .`"
+    )
 
 
 def _needs(env: dict[str, str], variable: str) -> str | None:
@@ -235,7 +271,8 @@ class LocalRedis:
     def start(self, timeout: float = 15.0) -> None:
         """Use the configured Redis, or start one; raise StackError naming the fix."""
         try:
-            redis.Redis.from_url(self.url, socket_timeout=2).ping()
+            with redis.Redis.from_url(self.url, socket_timeout=2) as client:
+                client.ping()
             return
         except (redis.RedisError, OSError, ValueError):
             pass
@@ -364,6 +401,8 @@ class Stack:
 
     def start(self) -> None:
         """Start broker, Redis, topics and services; raise StackError naming a missing piece."""
+        if problem := checkout_problem(self.services):
+            raise StackError(problem)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.say(f"run folder: {self.run_dir} (one log file per process under logs/)")
         self.broker.start()
@@ -433,14 +472,41 @@ class Stack:
             )
 
     def clear_earlier_run(self) -> None:
-        """Remove our keys left by an earlier run: the embedded broker always starts empty."""
+        """Remove the keys an earlier `supportsim up` left: the embedded broker starts empty.
+
+        A redis-server started here is empty already. In a Redis that this stack did not start,
+        only keys under a prefix that `up` marked as its own (the `up-run` key) are removed;
+        keys of anything else, or of an `up` still running, stop the start with the fix named.
+        """
+        if self.redis.started_here:
+            return
         from supportsim.settings import RedisSettings
 
         prefix = RedisSettings().redis_key_prefix
-        client = redis.Redis.from_url(self.redis.url)
-        stale = list(client.scan_iter(f"{prefix}*", count=1000))
-        for start in range(0, len(stale), 500):
-            client.delete(*stale[start : start + 500])
+        marker = f"{prefix}{UP_RUN_KEY}"
+        with redis.Redis.from_url(self.redis.url) as client:
+            owner = client.get(marker)
+            stale = list(client.scan_iter(f"{prefix}*", count=1000))
+            where = f"{redacted(self.redis.url)} under {prefix!r}"
+            if owner is None and stale:
+                raise StackError(
+                    f"Redis at {where} holds {len(stale)} key(s) that `supportsim up` did not "
+                    "write; give this run a prefix of its own (REDIS_KEY_PREFIX=...) or unset "
+                    "REDIS_URL (then `up` starts its own redis-server)"
+                )
+            if owner is not None and (running := _running_elsewhere(json.loads(owner))):
+                raise StackError(
+                    f"another `supportsim up` ({running}) writes Redis at {where}; stop it or "
+                    "give this run a prefix of its own (REDIS_KEY_PREFIX=...)"
+                )
+            for start in range(0, len(stale), 500):
+                client.delete(*stale[start : start + 500])
+            client.set(
+                marker,
+                json.dumps(
+                    {"host": socket.gethostname(), "pid": os.getpid(), "run_dir": str(self.run_dir)}
+                ),
+            )
         if stale:
             self.say(f"redis: removed {len(stale)} key(s) under {prefix!r} from an earlier run")
 

@@ -45,7 +45,8 @@ def make_app(
 ) -> tuple[Application, Topics]:
     """A Quix Streams application for one service, with the topics declared (and created).
 
-    Processing errors are logged and sent to the dead-letter topic; the loop keeps going.
+    A processing error that is a bad input (see :func:`is_bad_input`) is logged and sent to the
+    dead-letter topic, and the loop keeps going; any other exception stops the application.
     """
     kafka = settings.kafka
     holder: dict[str, Topics] = {}
@@ -54,6 +55,15 @@ def make_app(
     def on_processing_error(exc: Exception, row: Row | None, _logger: logging.Logger) -> bool:
         if row is None:
             logger.exception("processing failed outside a message: %s", exc)
+            return False
+        if not is_bad_input(exc):
+            logger.error(
+                "%s on %s[%s]@%s is a bug, not bad input: stopping",
+                type(exc).__name__,
+                row.topic,
+                row.partition,
+                row.offset,
+            )
             return False
         send_dead_letter(holder["topics"], row, f"{type(exc).__name__}: {exc}", settings)
         return True
@@ -87,6 +97,16 @@ def make_app(
     return app, holder["topics"]
 
 
+def is_bad_input(exc: Exception) -> bool:
+    """True when a processing error condemns the message, not the code: a `ValueError`.
+
+    pydantic's ValidationError, JSON and Unicode decoding errors, the protocol violations of the
+    bots and the aggregator are all ValueErrors; a TypeError, KeyError or AttributeError is a
+    programming error, which would dead-letter every message it meets: the service must stop.
+    """
+    return isinstance(exc, ValueError)
+
+
 def transactional_producer(app: Application) -> Producer:
     """A transactional producer with the application's own `transactional.id`.
 
@@ -113,10 +133,25 @@ def fence_predecessor(app: Application) -> None:
     it become readable the moment `init_transactions` returns).
     """
     producer = transactional_producer(app)
-    producer.begin_transaction()  # the first use runs init_transactions, which fences
-    producer.abort_transaction()
+    try:
+        producer.begin_transaction()  # the first use runs init_transactions, which fences
+        producer.abort_transaction()
+    finally:
+        close_producer(producer)
     transactional_id = app.config.producer_extra_config["transactional.id"]
     logger.info("fenced earlier producers with transactional.id %s", transactional_id)
+
+
+def close_producer(producer: Producer, timeout: float = 10.0) -> int:
+    """Deliver what `producer` holds, then free its librdkafka instance now; return undelivered.
+
+    A Quix Streams producer and its librdkafka producer refer to each other (the error
+    callback), so dropping it leaves its threads, broker connections and transactional.id alive
+    until a garbage collection; dropping the inner producer ends them at once.
+    """
+    left = producer.flush(timeout)
+    producer._inner_producer = None  # noqa: SLF001 (Quix Streams' Producer has no close)
+    return left
 
 
 class DeadLetterWriter:
@@ -144,6 +179,12 @@ class DeadLetterWriter:
             raise RuntimeError(
                 f"{left} dead letter(s) not delivered to {self._topic} within {self._timeout_s} s"
             )
+
+    def close(self) -> None:
+        """Free the producer (a later dead letter opens a new one)."""
+        if self._producer is not None:
+            close_producer(self._producer, self._timeout_s)
+            self._producer = None
 
 
 def send_dead_letter(topics: Topics, row: Row, error: str, settings: ServiceSettings) -> None:

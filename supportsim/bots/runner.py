@@ -8,8 +8,11 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+
+from pydantic import Field
 
 from supportsim.bots.conversation import (
     BotConfig,
@@ -24,7 +27,8 @@ from supportsim.bots.llm import FatalSetupError
 from supportsim.messages import ChatMessage, Role, to_json
 from supportsim.service import configure_logging
 from supportsim.settings import ServiceSettings
-from supportsim.streaming import make_app, validated, write_dead_letter
+from supportsim.streaming import close_producer, make_app, validated, write_dead_letter
+from supportsim.topics import Topics
 
 logger = logging.getLogger(__name__)
 STATE_KEY = "conversation"
@@ -40,6 +44,8 @@ class BotSettings(ServiceSettings):
     seed_namespace: str = "supportsim"
     scripted_think_time_s: float = 0.0
     scripted_goodbye_after: int = 6
+    # as the aggregator's: a conversation's state is forgotten this long after its last message
+    conversation_retention_s: int = Field(86_400, ge=1)
 
 
 def build_responder(settings: BotSettings, opening: Opening) -> Responder:
@@ -97,21 +103,39 @@ def run_bot(role: Role) -> None:
     config = BotConfig(role=role, max_turns=settings.max_turns, service=service)
     logger.info("%s bot ready: model=%s scenario=%s", role, responder.model_name, settings.scenario)
 
-    def step(value: dict, state) -> list[dict]:
+    retention = timedelta(seconds=settings.conversation_retention_s)
+    step = conversation_step(config, responder, opening, topics, retention)
+    validated(app.dataframe(topics.chat), ChatMessage, topics, service).apply(
+        step, stateful=True, expand=True
+    ).to_topic(topics.chat, key=lambda m: m["conversation_id"].encode())
+    app.run()
+
+
+def conversation_step(
+    config: BotConfig,
+    responder: Responder,
+    opening: Opening,
+    topics: Topics,
+    retention: timedelta,
+):
+    """The bot's stateful step: one `chat` message in, the replies to write out.
+
+    A conversation's state expires `retention` after its last message (in event time, as the
+    aggregator's), so ended and abandoned conversations do not stay in state for ever.
+    """
+
+    def step(value: dict, state: Any) -> list[dict]:
         stored = state.get(STATE_KEY)
         current = ConversationState.from_state(stored) if stored else None
         message = ChatMessage.model_validate(value)
         outcome = handle(current, message, config, responder, opening)
         if outcome.state is not None:
-            state.set(STATE_KEY, outcome.state.to_state())
+            state.set(STATE_KEY, outcome.state.to_state(), ttl=retention)
         for letter in outcome.dead_letters:
             write_dead_letter(topics, letter, message.key)
         return [to_json(m) for m in outcome.messages]
 
-    validated(app.dataframe(topics.chat), ChatMessage, topics, service).apply(
-        step, stateful=True, expand=True
-    ).to_topic(topics.chat, key=lambda m: m["conversation_id"].encode())
-    app.run()
+    return step
 
 
 def seed_conversations(settings: BotSettings | None = None) -> list[str]:
@@ -120,12 +144,16 @@ def seed_conversations(settings: BotSettings | None = None) -> list[str]:
     app, topics = make_app(settings, group="conversation-starter", exactly_once=False)
     opening = load_opening(settings)
     ids = [slot_id(settings.seed_namespace, slot) for slot in range(settings.conversations)]
-    with app.get_producer() as producer:
+    producer = app.get_producer()
+    try:
         for conversation_id in ids:
             message = opening_message(conversation_id, opening)
             producer.produce(
                 topics.chat.name, key=message.key, value=message.model_dump_json().encode()
             )
+    finally:
+        if left := close_producer(producer):
+            raise RuntimeError(f"{left} opening message(s) not delivered to {topics.chat.name}")
     logger.info("seeded %s conversation(s) on %s", len(ids), topics.chat.name)
     return ids
 

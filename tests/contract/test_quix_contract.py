@@ -52,6 +52,9 @@ PLATFORM_VARIABLES = {
     "KAFKA_SASL_PASSWORD",
     "KAFKA_SSL_CA_LOCATION",
 }
+# A transactional.id names one process; a deployment variable is the same for every replica,
+# which would then fence each other (on Quix the id comes from Quix__Deployment__ReplicaName)
+PER_PROCESS_VARIABLES = {"REPLICA_INDEX", "TRANSACTIONAL_ID"}
 STATEFUL_BY_DESIGN = {"ai_customer", "ai_support_agent", "sentiment_analysis", "redis_aggregator"}
 SECRET_NAME = re.compile(r"(?:^|_)(?:TOKEN|PASSWORD|SECRET|API_KEY|CREDENTIALS?)(?:$|_)", re.I)
 # Quix's current input types (quix-docs project-structure.md); `Secret` is deprecated
@@ -97,7 +100,9 @@ def expected_variables(service: str) -> dict:
     return {
         name: field
         for name, field in service_env(service).items()
-        if not name.startswith("Quix__") and name not in PLATFORM_VARIABLES
+        if not name.startswith("Quix__")
+        and name not in PLATFORM_VARIABLES
+        and name not in PER_PROCESS_VARIABLES
     }
 
 
@@ -188,6 +193,13 @@ def test_every_variable_the_service_reads_is_declared(service):
         assert have[name]["defaultValue"] == have[twin]["defaultValue"], f"{service}: {name}"
     unknown -= set(GRAPH_ONLY_VARIABLES)
     assert not unknown, f"{service}/app.yaml declares {sorted(unknown)}, which nothing reads"
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_no_deployment_variable_names_a_single_replica(service):
+    assert not PER_PROCESS_VARIABLES & set(declared(service)), (
+        f"{service}/app.yaml lets every replica share {sorted(PER_PROCESS_VARIABLES)}"
+    )
 
 
 def secret_problems(where: str, variable: dict, secret: bool) -> list[str]:

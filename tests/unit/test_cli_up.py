@@ -1,4 +1,4 @@
-"""What `supportsim up`'s options set for the bots."""
+"""What `supportsim up`'s options set for the bots, and where `up` can run."""
 
 from supportsim.cli import bot_env, build_parser
 from supportsim.stack import DEFAULT_BOT_THREADS
@@ -20,3 +20,16 @@ def test_local_bots_share_the_cores_unless_llm_n_threads_is_set():
     assert up_env()["LLM_N_THREADS"] == str(DEFAULT_BOT_THREADS)
     assert "LLM_BACKEND" not in up_env()
     assert "LLM_N_THREADS" not in up_env(environ={"LLM_N_THREADS": "4"})
+
+
+def test_up_outside_a_checkout_says_so_before_starting_anything(tmp_path, monkeypatch, capsys):
+    from supportsim import cli, stack
+
+    def no_start(self, *args, **kwargs):
+        raise AssertionError("started the broker outside a checkout")
+
+    monkeypatch.setattr(stack, "REPO_ROOT", tmp_path / "site-packages")
+    monkeypatch.setattr(stack.LocalBroker, "start", no_start)
+    status = cli.main(["up", "--run-dir", str(tmp_path / "run"), "--duration", "1"])
+    assert status == 1
+    assert "checkout of the repository" in capsys.readouterr().err

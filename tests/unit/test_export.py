@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
+from datetime import timedelta
 
 import pytest
+from quixstreams.state.rocksdb import RocksDBStorePartition
 
 from supportsim.datasets import (
     CONVERSATION_COLUMNS,
@@ -21,6 +24,7 @@ from supportsim.datasets import (
 from supportsim.export import (
     Comparison,
     ConversationStore,
+    CsvRows,
     ExportError,
     ExportOptions,
     add_export_commands,
@@ -385,7 +389,7 @@ class FakeState:
     def get(self, key, default=None):
         return self.data.get(key, default)
 
-    def set(self, key, value):
+    def set(self, key, value, ttl=None):
         self.data[key] = value
 
     def delete(self, key):
@@ -402,6 +406,36 @@ def test_conversation_is_handed_on_once_at_its_final_message():
     assert [r["turn"] for r in done["rows"]] == [0, 1, 2]
     assert collect_conversation(rows[2], state) is None  # late repeat of the final message
     assert "rows" not in state.data
+
+
+def test_a_written_or_abandoned_conversation_is_forgotten_a_retention_later(tmp_path):
+    """In a real Quix Streams state store (RocksDB), in event time, as the aggregator's state."""
+    retention = timedelta(hours=1)
+    hour_ms = 3_600_000
+    store = RocksDBStorePartition(str(tmp_path / "state"))
+
+    def deliver(row: dict, at_ms: int) -> dict | None:
+        transaction = store.begin()
+        state = transaction.as_state(prefix=row["conversation_id"].encode(), timestamp=at_ms)
+        out = collect_conversation(row, state, retention)
+        transaction.prepare()
+        transaction.flush()
+        return out
+
+    def kept(conversation_id: str, at_ms: int) -> set[str]:
+        state = store.begin().as_state(prefix=conversation_id.encode(), timestamp=at_ms)
+        return {key for key in ("rows", "done") if state.get(key) is not None}
+
+    written, abandoned = rows_of(new_id(), [0.1, 0.2, 0.3]), rows_of(new_id(), [0.1, 0.2, 0.3])
+    for turn, row in enumerate(written):
+        deliver(row, 1000 + turn)
+    deliver(abandoned[0], 1002)
+    # event time only moves forward in a partition: both are read at the same times
+    for conversation, before in [(written, {"done"}), (abandoned, {"rows"})]:
+        assert kept(conversation[0]["conversation_id"], 1002 + hour_ms - 1) == before
+    for conversation in (written, abandoned):
+        assert kept(conversation[0]["conversation_id"], 1002 + hour_ms + 1) == set()
+    store.close()
 
 
 def test_dataset_sink_is_enabled_by_dataset_dir(monkeypatch):
@@ -446,3 +480,16 @@ def test_comparison_of_empty_topics_does_not_divide_by_zero():
     result = Comparison(a="x", b="y", confusion={})
     assert result.agreement is None and result.kappa is None
     assert "n/a" in result.render()
+
+
+def test_csv_cells_that_a_spreadsheet_would_run_as_formulas_are_defused(tmp_path):
+    texts = ['=HYPERLINK("http://evil","refund")', "+1 555", "-2+3", "@SUM(A1)", "\t=1", "ok"]
+    path = tmp_path / "messages.csv"
+    rows = CsvRows(path, ["text", "sentiment_score"])
+    for text in texts:
+        rows.write({"text": text, "sentiment_score": -0.5})
+    rows.close()
+    with open(path, newline="", encoding="utf-8") as file:
+        read = list(csv.DictReader(file))
+    assert [r["text"] for r in read] == ["'" + t for t in texts[:-1]] + ["ok"]
+    assert {r["sentiment_score"] for r in read} == {"-0.5"}  # numbers stay numbers

@@ -57,3 +57,14 @@ def test_quix_cloud_token_lets_quix_streams_connect(monkeypatch):
 def test_redis_url_is_secret_in_repr(monkeypatch):
     monkeypatch.setenv("REDIS_URL", "redis://:pw123@redis:6379/0")
     assert "pw123" not in repr(RedisSettings())
+
+
+def test_each_quix_replica_has_its_own_transactional_id_that_survives_a_restart(monkeypatch):
+    for name in ["TRANSACTIONAL_ID", "REPLICA_INDEX"]:
+        monkeypatch.delenv(name, raising=False)
+    ids = {}
+    for replica, pid in [("ai-customer-0", 1), ("ai-customer-0", 7), ("ai-customer-1", 1)]:
+        monkeypatch.setenv("Quix__Deployment__ReplicaName", replica)
+        monkeypatch.setattr("os.getpid", lambda pid=pid: pid)
+        ids.setdefault(replica, set()).add(ServiceSettings().transactional_id_for("bots"))
+    assert ids == {"ai-customer-0": {"bots-ai-customer-0"}, "ai-customer-1": {"bots-ai-customer-1"}}
