@@ -215,6 +215,16 @@ def show_headline(figures: Headline, series: pd.DataFrame) -> None:
             st.caption(f"last 5 min; {figures.dead_letters:,} in all")
 
 
+def sentiment_badge(label: str | None, score: float | None) -> None:
+    """A message's sentiment as a coloured badge ("not scored" before the scorer saw it)."""
+    if not label:
+        st.badge("not scored", color="gray")
+        return
+    color, icon = BADGES[label]
+    shown = "" if score is None else f" {score:+.2f}"
+    st.badge(f"{label}{shown}", color=color, icon=icon)
+
+
 def open_conversation(conversation_id: str) -> None:
     """Open one conversation's transcript below: clear the filters that could hide it."""
     for key in ("mood", "product", "status"):
@@ -251,12 +261,7 @@ def show_tile(tile: Tile, slot: int) -> None:
                 CHAT_NAMES.get(message.role, "other"),
                 avatar=AVATARS.get(message.role, ":material/help:"),
             ):
-                if message.label:
-                    color, icon = BADGES[message.label]
-                    score = "" if message.score is None else f" {message.score:+.2f}"
-                    st.badge(f"{message.label}{score}", color=color, icon=icon)
-                else:
-                    st.badge("not scored", color="gray")
+                sentiment_badge(message.label, message.score)
                 st.text(message.text)
     st.caption(
         escape_markdown(
@@ -537,12 +542,7 @@ def show_transcript(conversation_id: str) -> None:
             ):
                 when = message.time.strftime("%H:%M:%S") if message.time else "?"
                 st.caption(escape_markdown(f"{message.speaker} · turn {message.turn} · {when}"))
-                if message.label:
-                    color, icon = BADGES[message.label]
-                    score = "" if message.score is None else f" {message.score:+.2f}"
-                    st.badge(f"{message.label}{score}", color=color, icon=icon)
-                else:
-                    st.badge("not scored", color="gray")
+                sentiment_badge(message.label, message.score)
                 if message.remedy:
                     st.badge(escape_markdown(f"offered: {message.remedy}"), color="violet")
                 st.text(message.text)

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from supportsim.bots.scenario_files import read_yaml
 
 CARDS_FILE = "cards.yaml"
 NO_REMEDY = "none"
@@ -105,10 +105,8 @@ class CardDeck:
     def load(cls, folder: Path) -> CardDeck:
         """Read ``cards.yaml`` of a scenario folder; a clear :class:`CardError` when malformed."""
         path = folder / CARDS_FILE
-        if not path.is_file():
-            raise CardError(f"scenario file {path} is missing")
+        data = read_yaml(folder, CARDS_FILE, CardError)
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
             days = data["bought"]["days_ago"]
             wants = {
                 str(k): v if isinstance(v, Mapping) else {"weight": v}
@@ -141,7 +139,7 @@ class CardDeck:
                 policy={str(k): _weighted(v) for k, v in (data.get("policy") or {}).items()},
                 remedies=tuple(str(r) for r in data.get("remedies") or ()),
             )
-        except (KeyError, TypeError, ValueError, IndexError, yaml.YAMLError) as exc:
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise CardError(f"{path} is malformed: {type(exc).__name__}: {exc}") from None
         if not deck.problems or any(not p.symptoms or not p.tried for p, _ in deck.problems):
             raise CardError(f"{path}: every problem needs a product, a symptom and a tried list")

@@ -35,10 +35,11 @@ def decision_schema(
     can_close: bool = True,
     can_continue: bool = True,
 ) -> dict[str, Any]:
-    """The JSON schema of `role`'s turn: the decision first, then the reply that carries it out.
+    """The JSON schema of `role`'s turn.
 
-    Deciding first makes the text follow the decision, so the data and the words agree. A
-    customer can accept only once a remedy was offered (`can_accept`) and give up only when
+    The customer decides first, then writes the reply that carries the decision out; the agent
+    writes its reply first, then names the remedy that reply offers (a label of its own words).
+    A customer can accept only once a remedy was offered (`can_accept`) and give up only when
     `can_give_up`, and goes on only while `can_continue`; the agent can close the chat only
     when `can_close`: the choices a side does not have are not in the schema.
     """
@@ -54,9 +55,9 @@ def decision_schema(
         properties: dict[str, Any] = {"decision": {"enum": choices}, "reply": reply}
     else:
         properties = {
+            "reply": reply,
             "remedy": {"enum": [NO_REMEDY, *remedies]},
             "ends_chat": {"enum": [False, True] if can_close else [False]},
-            "reply": reply,
         }
     return {"type": "object", "properties": properties, "required": list(properties)}
 
@@ -66,10 +67,13 @@ def parse_decision(
 ) -> tuple[str, Decision]:
     """The reply text and decision in `raw`, the model's structured output.
 
-    A reply cut off by the token limit keeps its text and the decision written before it.
-    Raises :class:`MalformedDecisionError` for anything else that is not the schema.
+    A reply cut off by the token limit keeps its text and the decision written before it; what
+    it did not reach decides nothing (the customer goes on, the agent offers nothing). Raises
+    :class:`MalformedDecisionError` for anything else that is not the schema.
     """
     data = _load(raw, truncated)
+    if truncated and isinstance(data, dict):
+        data = {"decision": "continue", "remedy": NO_REMEDY, "ends_chat": False, **data}
     if not isinstance(data, dict) or not isinstance(data.get("reply"), str):
         raise MalformedDecisionError(f"no reply text in {raw[:80]!r}")
     text = data["reply"]
@@ -97,8 +101,9 @@ def _load(raw: str, truncated: bool) -> Any:
         return json.loads(raw)
     except json.JSONDecodeError:
         if truncated:
-            # the cut may fall inside an escape ("\\"), so also try without its last character
-            for closed in (raw + '"}', raw[:-1] + '"}'):
+            # the cut may fall inside an escape ("\\"), so also try without its last character;
+            # a cut after the reply closes only the object
+            for closed in (raw + '"}', raw[:-1] + '"}', raw.rstrip().rstrip(",") + "}"):
                 try:
                     return json.loads(closed)
                 except json.JSONDecodeError:

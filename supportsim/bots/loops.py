@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-import yaml
+from supportsim.bots.scenario_files import read_yaml
 
 DUPLICATE_THRESHOLD = 0.85
 # texts are compared word by word (characters would cost seconds on long messages)
@@ -64,10 +64,8 @@ class Phrases:
     def load(cls, folder: Path) -> Phrases:
         """Read and compile ``checks.yaml`` of a scenario folder."""
         path = folder / CHECKS_FILE
-        if not path.is_file():
-            raise PhrasesError(f"scenario file {path} is missing")
+        data = read_yaml(folder, CHECKS_FILE, PhrasesError)
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
             patterns = {}
             for name in PHRASE_LISTS:
                 entries = [str(e) for e in data[name]]
@@ -76,7 +74,7 @@ class Phrases:
                 # a farewell must close its clause; the other lists match anywhere
                 end = "$" if name == "farewell" else r"\b"
                 patterns[name] = re.compile(r"\b(?:" + "|".join(entries) + ")" + end)
-        except (KeyError, TypeError, ValueError, re.error, yaml.YAMLError) as exc:
+        except (KeyError, TypeError, ValueError, re.error) as exc:
             raise PhrasesError(f"{path} is malformed: {type(exc).__name__}: {exc}") from None
         return cls(**patterns)
 

@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from langchain_core.prompts import PromptTemplate
 from langchain_core.prompts.loading import load_prompt
 
 from supportsim.bots.cards import Card, CardDeck, CardError, describe_policy
 from supportsim.bots.loops import Phrases, PhrasesError
+from supportsim.bots.scenario_files import read_yaml
 from supportsim.messages import Role
 
 DEFAULT_SCENARIO = "electronics"
@@ -53,10 +53,8 @@ class Directions:
     def load(cls, folder: Path) -> Directions:
         """Read ``directions.yaml`` of a scenario folder."""
         path = folder / DIRECTIONS_FILE
-        if not path.is_file():
-            raise ScenarioError(f"scenario file {path} is missing")
+        data = read_yaml(folder, DIRECTIONS_FILE, ScenarioError)
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
             sides = ("customer", "agent")
             return cls(
                 opening={r: str(data["opening"][r]) for r in sides},
@@ -68,7 +66,7 @@ class Directions:
                 hints={str(k): str(v) for k, v in dict(data.get("hints") or {}).items()},
                 speaker_labels={r: tuple(str(x) for x in data["speaker_labels"][r]) for r in sides},
             )
-        except (KeyError, TypeError, ValueError, yaml.YAMLError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise ScenarioError(f"{path} is malformed: {type(exc).__name__}: {exc}") from None
 
     def all_cues(self) -> list[str]:

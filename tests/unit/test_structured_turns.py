@@ -74,12 +74,12 @@ def play(outputs: dict[str, list[str]], max_turns: int = 12):
     return written, responders
 
 
-def test_the_schema_puts_the_decision_first_and_names_the_scenarios_remedies():
+def test_the_customer_decides_first_and_the_agent_labels_its_reply_after():
     customer = decision_schema("customer", REMEDIES)
     assert list(customer["properties"]) == ["decision", "reply"]
     agent = decision_schema("agent", REMEDIES)
     assert agent["properties"]["remedy"]["enum"] == ["none", *REMEDIES]
-    assert agent["required"] == ["remedy", "ends_chat", "reply"]
+    assert agent["required"] == ["reply", "remedy", "ends_chat"]
 
 
 def test_a_customer_cannot_accept_before_a_remedy_nor_give_up_in_its_first_line():
@@ -222,11 +222,17 @@ def test_malformed_output_then_a_good_retry_goes_on():
 
 
 def test_a_reply_cut_off_by_the_token_limit_keeps_its_text_and_its_decision():
-    cut = '{"remedy": "repair", "ends_chat": false, "reply": "I can offer a repair. It takes'
+    cut = '{"decision": "give_up", "reply": "I am done with this. Good'
+    text, decision = parse_decision("customer", cut, REMEDIES, truncated=True)
+    assert text == "I am done with this. Good" and decision.outcome == "gave_up"
+    text, _ = parse_decision("customer", cut[:-5] + "\\", REMEDIES, truncated=True)
+    assert text == "I am done with this."
+    # the agent's label comes after its reply: a cut reply offers nothing
+    cut = '{"reply": "I can offer a repair. It takes'
     text, decision = parse_decision("agent", cut, REMEDIES, truncated=True)
-    assert text == "I can offer a repair. It takes" and decision.remedy == "repair"
-    text, _ = parse_decision("agent", cut[:-5] + "\\", REMEDIES, truncated=True)
-    assert text == "I can offer a repair. It "
+    assert text == "I can offer a repair. It takes" and decision.remedy is None
+    text, decision = parse_decision("agent", '{"reply": "Done.", ', REMEDIES, truncated=True)
+    assert text == "Done." and not decision.ends_chat
     with pytest.raises(MalformedDecisionError):
         parse_decision("agent", cut, REMEDIES)
     with pytest.raises(MalformedDecisionError, match="unknown remedy"):
