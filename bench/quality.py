@@ -22,7 +22,7 @@ lists; none reuses the checks the bots retry on (`supportsim.bots.loops`):
   outcome_agreement: the share whose recorded outcome is the label.
 
 Usage: .venv/bin/python bench/quality.py [--quick] [--model M] [--conversations N]
-       [--unstructured] [--compare] [--stack] [--save PATH] [--from chat.jsonl]
+       [--structured] [--compare] [--stack] [--save PATH] [--from chat.jsonl]
 Last line: RESULT quality ratio=<share ending normally> target=0.9 gives_detail=... ...
 """
 
@@ -282,9 +282,9 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, help="how many to play (default 20)")
     parser.add_argument("--scenario", default="electronics")
     parser.add_argument("--namespace", default=DEFAULT_NAMESPACE, help="seeds the conversations")
-    parser.add_argument("--unstructured", action="store_true", help="LLM_STRUCTURED=false")
+    parser.add_argument("--structured", action="store_true", help="LLM_STRUCTURED=true")
     parser.add_argument(
-        "--compare", action="store_true", help="also play the same conversations unstructured"
+        "--compare", action="store_true", help="play the same conversations both ways"
     )
     parser.add_argument("--stack", action="store_true", help="through supportsim up's stack")
     parser.add_argument("--save", type=Path, help="write the transcripts here (jsonl)")
@@ -301,12 +301,16 @@ def main() -> None:
         report(messages, model, labels)
         return
     count = args.conversations or (6 if args.quick else 20)
-    modes = [not args.unstructured] + ([False] if args.compare and not args.unstructured else [])
+    modes = [False, True] if args.compare else [args.structured]
     for structured in modes:
         print(f"--- {'structured' if structured else 'unstructured'} turns", flush=True)
         path = None
         if args.save:
-            path = args.save if structured else args.save.with_suffix(".unstructured.jsonl")
+            path = (
+                args.save.with_suffix(".structured.jsonl")
+                if args.compare and structured
+                else args.save
+            )
         if args.stack:
             messages = play_stack(model, count, structured=structured, quick=args.quick)
             if path:

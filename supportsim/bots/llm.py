@@ -90,8 +90,9 @@ class LLMConfig(BaseSettings):
     context_margin: int = Field(default=16, ge=0)
     # further attempts, each hotter, when a reply is empty or repeats an earlier line
     retries: int = Field(default=2, ge=0, le=5)
-    # reply and decision (ends the chat? which remedy?) as schema-constrained JSON
-    structured: bool = True
+    # reply and decision (ends the chat? which remedy?) as schema-constrained JSON; off by
+    # default: the measured replies carry fewer facts and remedies (README, bench/quality.py)
+    structured: bool = False
 
     @property
     def max_prompt_tokens(self) -> int:

@@ -205,8 +205,8 @@ def test_responder_answers_a_conversation_state(llm, scenario):
         card=extra["card"],
         policy=extra["policy"],
     )
-    responder = LLMResponder(llm, scenario)
-    assert responder.model_name == llm.model_name and responder.structured
+    responder = LLMResponder(llm, scenario, structured=True)
+    assert responder.model_name == llm.model_name
     reply = responder.respond("customer", state)
     assert reply.text and reply.prompt_tokens > 0
     # the real model's constrained output parsed: a first message decides to go on
