@@ -250,6 +250,7 @@ def handle(
         return Outcome(state)  # our own line, read back: remembered, not answered
 
     phrases = getattr(opening, "phrases", None)
+    # a structured line is shown back to its bot as written (JSON); a free-text line as cleaned
     reply_message, raw = _reply(state, message, config, responder, phrases)
     line = {"turn": reply_message.turn, "role": config.role, "text": reply_message.text}
     if reply_message.remedy and reply_message.role == "agent":
@@ -397,4 +398,4 @@ def _reply(
         policy=state.policy,
         outcome=outcome,
         remedy=remedy,
-    ), reply.raw_text
+    ), (reply.raw_text if reply.decision is not None else "")

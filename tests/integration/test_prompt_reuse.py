@@ -61,7 +61,8 @@ def interleave(llm: ChatLLM, scenario: Scenario, states, rounds: int) -> list[tu
                 reply = responder.respond(role, state)
                 line = {"turn": len(state.history), "role": role, "text": reply.text}
                 # as the bots keep it: their own structured line as the model wrote it
-                state.history.append({**line, "raw": reply.raw_text})
+                structured = reply.decision is not None
+                state.history.append({**line, "raw": reply.raw_text if structured else ""})
                 replies.append((state.conversation_id, reply))
     return replies
 
