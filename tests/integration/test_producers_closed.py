@@ -24,6 +24,7 @@ def test_fencing_at_startup_leaves_no_producer_behind(service_env, broker):
         before = threads()
         for _ in range(3):
             fence_predecessor(app)
-        assert threads() == before
+        # no growth: threads left by earlier tests in this process may end meanwhile
+        assert threads() <= before
     finally:
         gc.enable()
