@@ -260,18 +260,18 @@ def generate_turn(
         offered = [line["remedy"] for line in history if line.get("remedy")]
         customer_lines = sum(1 for line in history if line.get("role") == "customer")
         wanted = persona.card.accepts if persona.card and persona.card.accepts else offered
+        spent = patience_spent(role, history, persona)
         schema = decision_schema(
             role,
             # the agent asks before it offers: no remedy in its answer to the first complaint
             scenario.remedies if customer_lines >= MIN_LINES_BEFORE_GIVING_UP else (),
             # what it wants is accepted at once; anything else only once its patience is spent
-            can_accept=bool(offered)
-            and (offered[-1] in wanted or patience_spent(role, history, persona)),
+            can_accept=bool(offered) and (offered[-1] in wanted or spent),
             can_give_up=flags["impatient"] or customer_lines >= MIN_LINES_BEFORE_GIVING_UP,
             # the agent closes only a chat in which it offered something and heard the answer
             can_close=bool(offered) and customer_lines >= MIN_LINES_BEFORE_GIVING_UP,
             # a customer whose patience is spent takes what is offered or leaves
-            can_continue=not patience_spent(role, history, persona),
+            can_continue=not spent,
         )
 
     def reminder(hints: Sequence[str] = ()) -> str:
