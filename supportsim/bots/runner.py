@@ -199,11 +199,18 @@ def supervise_workers(role: Role, settings: BotSettings, group: str, workers: in
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     status = 0
-    while any(proc.poll() is None for proc in procs):
+    while not status:
+        running = [proc for proc in procs if proc.poll() is None]
         dead = [proc for proc in procs if proc.poll() not in (None, 0)]
+        # every worker may have died between two polls: a dead one always fails the replica
         if dead and not stopping:
             status = dead[0].returncode
             logger.error("a %s worker exited with status %s; stopping the replica", role, status)
             stop(signal.SIGTERM, None)
-        time.sleep(0.5)
+        elif not running:
+            break
+        else:
+            time.sleep(0.5)
+    for proc in procs:
+        proc.wait()
     return status
