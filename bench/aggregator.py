@@ -33,14 +33,9 @@ from confluent_kafka import Producer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from supportsim.messages import new_id  # noqa: E402
-from supportsim.stack import (  # noqa: E402
-    REPO_ROOT,
-    LocalBroker,
-    LocalRedis,
-    spawn,
-    stop_process,
-)
+from supportsim.contract.messages import new_id  # noqa: E402
+from supportsim.local.broker import LocalBroker, LocalRedis  # noqa: E402
+from supportsim.local.processes import REPO_ROOT, spawn, stop_process  # noqa: E402
 
 RATE = 200  # messages per second in the latency phase
 MOODS = ["angry", "confused", "impatient", "polite", "sarcastic"]
@@ -109,8 +104,8 @@ class Bench:
             "PYTHONUNBUFFERED": "1",
         }
         os.environ.update(env)
+        from supportsim.kafka.app import make_app
         from supportsim.settings import ServiceSettings
-        from supportsim.streaming import make_app
 
         make_app(ServiceSettings(), group="bench-setup", exactly_once=False)  # create topics
         self.topic = ServiceSettings().scored_topic

@@ -6,7 +6,7 @@ model) in this process, then kills a random service process with SIGKILL every f
 service at least twice (the finished conversation_starter job is launched again and killed while
 it seeds); the stack's supervisor restarts whatever died. Then the kills stop, every replica is
 back, every conversation in progress must get a new turn (nothing stalled), the bots are stopped
-and the rest drains, and `supportsim.chaos.verify` checks, per conversation and per message_id:
+and the rest drains, and `tests.harness.chaos.verify` checks, per conversation and per message_id:
 
 - chat: turns consecutive from 0, roles alternating, one persona, final only on the last turn
   with an end_reason, the replacement of every ended conversation started, nothing else started;
@@ -19,7 +19,7 @@ Raw duplicates (the same message_id twice, from a transaction the broker shows a
 aborted, then redone) are counted and printed; the checks compare first copies, as consumers do.
 
 With `--poison` it runs the poison check instead (no kills): every kind of bad input
-(`supportsim.chaos.poison_catalogue`) goes into `chat` and into `chat-scored` while conversations
+(`tests.harness.chaos.poison_catalogue`) goes into `chat` and into `chat-scored` while conversations
 run; each record must reach the dead-letter topic with a reason from every service that reads it
 (or, for a duplicate, be ignored, as the aggregator's log line shows), no replica may restart or
 change PID, and the healthy conversations must verify exact as above.
@@ -43,8 +43,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from supportsim import chaos  # noqa: E402
 from supportsim.settings import RedisSettings  # noqa: E402
+from tests.harness import chaos  # noqa: E402
 
 
 def main() -> int:

@@ -36,15 +36,10 @@ import redis  # noqa: E402
 import streamlit as st  # noqa: E402
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
-from supportsim.dashboard_data import (  # noqa: E402
-    sample_conversation,
-    sample_fleet,
-    sample_series,
-    write_sample,
-)
-from supportsim.messages import new_id, now_ms  # noqa: E402
+from supportsim.contract.messages import new_id, now_ms  # noqa: E402
+from supportsim.live.sample import sample_conversation, sample_fleet, sample_series, write_sample  # noqa: E402
+from supportsim.local.broker import LocalRedis  # noqa: E402
 from supportsim.settings import RedisSettings  # noqa: E402
-from supportsim.stack import LocalRedis  # noqa: E402
 
 APP = str(REPO_ROOT / "dashboard" / "main.py")
 REFRESH_S = 2.0

@@ -32,8 +32,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from supportsim.messages import new_id  # noqa: E402
-from supportsim.stack import LocalBroker  # noqa: E402
+from supportsim.contract.messages import new_id  # noqa: E402
+from supportsim.local.broker import LocalBroker  # noqa: E402
 
 TURNS = 10
 WARM_MESSAGES = 200
@@ -97,9 +97,9 @@ def fill(address: str, topic: str, count: int) -> None:
 
 def naive_export(topic: str, out: Path) -> int:
     """The load-everything baseline: every row in memory, grouped, then written."""
-    from supportsim.datasets import jsonl, message_row, summarize
-    from supportsim.export import Snapshot, open_consumer
-    from supportsim.messages import DeadLetter, parse_scored, to_json
+    from supportsim.contract.messages import DeadLetter, parse_scored, to_json
+    from supportsim.datasets.export import Snapshot, open_consumer
+    from supportsim.datasets.rows import jsonl, message_row, summarize
     from supportsim.settings import ServiceSettings
 
     _, consumer = open_consumer(ServiceSettings(), "bench-naive")
@@ -131,7 +131,7 @@ def child(args: argparse.Namespace) -> None:
     """Runs in a fresh process: warm up, then measure one export; prints a JSON line."""
     import psutil
 
-    from supportsim.export import ExportOptions, export
+    from supportsim.datasets.export import ExportOptions, export
 
     process = psutil.Process()
     work = Path(args.out)
@@ -208,8 +208,8 @@ def main() -> None:
             **broker.client_env,
         }
         os.environ.update(env)
+        from supportsim.kafka.app import make_app
         from supportsim.settings import ServiceSettings
-        from supportsim.streaming import make_app
 
         topics = {"warm": WARM_MESSAGES, **sizes}
         for name, count in topics.items():

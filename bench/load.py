@@ -42,9 +42,9 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from supportsim import chaos  # noqa: E402
-from supportsim.messages import parse_chat  # noqa: E402
+from supportsim.contract.messages import parse_chat  # noqa: E402
 from supportsim.settings import RedisSettings, ServiceSettings  # noqa: E402
+from tests.harness import chaos  # noqa: E402
 
 SLICE_MS = 30_000
 

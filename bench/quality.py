@@ -222,10 +222,11 @@ def play_inprocess(
 
     Each message is appended to `save` as it is written, so a long run can be read as it goes.
     """
-    from supportsim.bots.conversation import BotConfig, handle, opening_message, slot_id
+    from supportsim.bots.conversation import BotConfig, handle, opening_message
     from supportsim.bots.llm import ChatLLM, LLMConfig
     from supportsim.bots.prompts import Scenario
     from supportsim.bots.turns import LLMResponder
+    from supportsim.contract.protocol import slot_id
 
     loaded = Scenario.load(scenario)
     llm = ChatLLM.load(LLMConfig(model=model, n_threads=os.cpu_count() or 1))

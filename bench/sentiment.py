@@ -43,12 +43,12 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from supportsim.batching import BatchLoop  # noqa: E402
-from supportsim.messages import new_id, now_ms  # noqa: E402
-from supportsim.scoring import SentimentSettings, score_records  # noqa: E402
-from supportsim.sentiment import Scorer, load_examples  # noqa: E402
-from supportsim.stack import LOCAL_SESSION_TIMEOUT_MS, LocalBroker  # noqa: E402
-from supportsim.streaming import make_app  # noqa: E402
+from supportsim.contract.messages import new_id, now_ms  # noqa: E402
+from supportsim.kafka.app import make_app  # noqa: E402  # noqa: E402
+from supportsim.kafka.batch_loop import BatchLoop  # noqa: E402
+from supportsim.local.broker import LOCAL_SESSION_TIMEOUT_MS, LocalBroker  # noqa: E402
+from supportsim.sentiment.model import Scorer, load_examples  # noqa: E402
+from supportsim.sentiment.service import SentimentSettings, score_records  # noqa: E402
 
 BATCH = 32
 TURNS = 12

@@ -1,7 +1,7 @@
 """conversation_starter: a one-shot job that starts the target number of conversations."""
 
 from supportsim.bots.runner import BotSettings, seed_conversations
-from supportsim.service import configure_logging
+from supportsim.logs import configure_logging
 
 if __name__ == "__main__":
     settings = BotSettings(service_name="conversation_starter")

@@ -4,7 +4,7 @@ Run alone with `streamlit run dashboard/main.py`. Configuration comes from the e
 REDIS_URL, REDIS_KEY_PREFIX, DASHBOARD_REFRESH_S (seconds between live refreshes, 0 for off),
 DASHBOARD_MAX_ENDED (how many finished conversations to list), DASHBOARD_WALL_SIZE (tiles on
 the live wall) and DASHBOARD_WALL_LINGER_S (how long an ended conversation stays on it). The data
-logic lives in `supportsim.dashboard_data`; this script is wiring and layout. Model text is only
+logic lives in `supportsim.live.views`; this script is wiring and layout. Model text is only
 ever shown with `st.text`, in tables, or escaped for markdown, never as HTML.
 """
 
@@ -21,12 +21,11 @@ from pydantic import ValidationError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout too
 
-from supportsim.dashboard_data import (  # noqa: E402
+from supportsim.live.frames import role_sentiment
+from supportsim.live.store import DashboardSettings, DashboardStore, Snapshot
+from supportsim.live.views import (
     START_HINT,
-    DashboardSettings,
-    DashboardStore,
     Headline,
-    Snapshot,
     Tile,
     breakdown,
     conversations_csv,
@@ -37,14 +36,13 @@ from supportsim.dashboard_data import (  # noqa: E402
     filter_options,
     headline,
     persona_labels,
-    role_sentiment,
     sentiment_trend,
     transcript,
     wall_ranking,
     wall_slots,
     wall_tile,
 )
-from supportsim.service import redacted  # noqa: E402
+from supportsim.logs import redacted  # noqa: E402
 
 AVATARS = {"customer": ":material/person:", "agent": ":material/support_agent:"}
 # "user" and "assistant" get Streamlit's distinct preset styling; avatars tell them apart too

@@ -1,13 +1,13 @@
 """InfluxDB sink: every scored message stored as a point in InfluxDB 3, for analysis and export.
 
-Wiring only; the point layout and retry behaviour live in `supportsim.history`. Needs
+Wiring only; the point layout and retry behaviour live in `supportsim.sinks.influx`. Needs
 INFLUXDB_HOST, INFLUXDB_DATABASE and INFLUXDB_TOKEN (a secret, never logged).
 """
 
 import logging
 
-from supportsim.history import HistorySettings, build_history, influx_configured
-from supportsim.service import configure_logging
+from supportsim.logs import configure_logging
+from supportsim.sinks.influx import HistorySettings, build_history, influx_configured
 
 
 def main() -> None:

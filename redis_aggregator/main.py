@@ -2,11 +2,11 @@
 
 Reads `chat-scored`, keeps the aggregates in Kafka-backed state and writes them to Redis; also
 counts the `chat` and dead-letter topics into the `pipeline` key (keys in docs/redis-keys.md).
-Wiring only; the logic lives in `supportsim.aggregates`.
+Wiring only; the logic lives in `supportsim.sinks.live_view`.
 """
 
-from supportsim.aggregates import AggregatorSettings, build_aggregator
-from supportsim.service import configure_logging
+from supportsim.logs import configure_logging
+from supportsim.sinks.live_view import AggregatorSettings, build_aggregator
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ def _replicas(values: list[str]) -> dict[str, int]:
 
 def bot_env(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, str]:
     """The variables `up`'s options set for the bots (on top of `environ`)."""
-    from supportsim.stack import DEFAULT_BOT_THREADS
+    from supportsim.local.stack import DEFAULT_BOT_THREADS
 
     env = {}
     if args.bots:
@@ -44,7 +44,8 @@ def bot_env(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, s
 
 def cmd_up(args: argparse.Namespace) -> int:
     """Run the whole system on this machine until Ctrl-C, SIGTERM or --duration."""
-    from supportsim.stack import Stack, StackError, topic_counts
+    from supportsim.local.processes import StackError
+    from supportsim.local.stack import Stack, topic_counts
 
     run_dir = Path(
         args.run_dir or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -112,7 +113,7 @@ def _progress_line(stack, topics, topic_counts) -> str:
 
 def cmd_score(args: argparse.Namespace) -> int:
     """Score text lines (or JSON lines with a "text" field) from stdin as JSON lines on stdout."""
-    from supportsim.sentiment import Scorer, score_lines
+    from supportsim.sentiment.model import Scorer, score_lines
 
     scorer = Scorer(args.model, threads=args.threads, progress=lambda m: print(m, file=sys.stderr))
     counts = score_lines(sys.stdin, sys.stdout, scorer)
@@ -160,9 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--threads", type=int, default=1)
     score.set_defaults(func=cmd_score)
 
-    from supportsim.export import add_export_commands
+    from supportsim.datasets.export import add_export_commands
+    from supportsim.sentiment.compare import add_compare_command
 
     add_export_commands(sub)
+    add_compare_command(sub)
     return parser
 
 

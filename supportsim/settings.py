@@ -119,6 +119,7 @@ BUILTIN_SENTIMENT_MODEL = "builtin"
 def is_builtin_sentiment_model(reference: str) -> bool:
     """True when a `SENTIMENT_MODEL` value names the builtin model (empty counts as builtin).
 
-    Here, not in `supportsim.sentiment`, so that `supportsim up` can tell without importing torch.
+    Here, not in `supportsim.sentiment.model`, so that `supportsim up` can tell without importing
+    torch.
     """
     return reference.strip() in ("", BUILTIN_SENTIMENT_MODEL)

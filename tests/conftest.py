@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from supportsim.messages import new_id
-from supportsim.stack import LocalBroker, LocalRedis
+from supportsim.contract.messages import new_id
+from supportsim.local.broker import LocalBroker, LocalRedis
 
 
 @pytest.fixture(scope="session")
@@ -54,7 +54,7 @@ def sentiment_model() -> Path:
     scoring service started by a test) would train it first, about a minute on two idle cores,
     and that minute would count against whichever test came first.
     """
-    from supportsim.sentiment import ensure_builtin_model
+    from supportsim.sentiment.model import ensure_builtin_model
 
     return ensure_builtin_model()
 

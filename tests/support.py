@@ -12,8 +12,9 @@ from pathlib import Path
 
 from confluent_kafka import Consumer, Producer
 
-from supportsim.messages import new_id, now_ms
-from supportsim.stack import LOCAL_ISOLATION_LEVEL, REPO_ROOT, spawn, stop_process
+from supportsim.contract.messages import new_id, now_ms
+from supportsim.local.broker import LOCAL_ISOLATION_LEVEL
+from supportsim.local.processes import REPO_ROOT, spawn, stop_process
 
 
 def produce(address: str, topic: str, records: Iterable[tuple[bytes | None, bytes | None]]) -> int:

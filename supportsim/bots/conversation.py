@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import logging
 import random
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from supportsim.messages import (
+from supportsim.contract.messages import (
     MAX_TEXT_CHARS,
     AgentPersona,
     ChatMessage,
@@ -28,13 +27,11 @@ from supportsim.messages import (
     Role,
     now_ms,
 )
-from supportsim.messages import (
-    Outcome as ConversationOutcome,
-)
+from supportsim.contract.messages import Outcome as ConversationOutcome
+from supportsim.contract.protocol import successor_id, turn_message_id, turn_order_problem
 
 logger = logging.getLogger(__name__)
 
-CONVERSATION_NAMESPACE = uuid.UUID("6f1d7c2e-3b1a-4d8e-9a57-0c2f3e5d9b11")
 MAX_HISTORY = 200
 ERROR_TEXT = "[this conversation ended because the {role} bot failed: {error}]"
 
@@ -158,21 +155,6 @@ class Outcome:
     dead_letters: list[DeadLetter] = field(default_factory=list)
 
 
-def successor_id(conversation_id: str) -> str:
-    """The id of the conversation that replaces this one (deterministic, so a redo repeats it)."""
-    return str(uuid.uuid5(CONVERSATION_NAMESPACE, f"{conversation_id}/next"))
-
-
-def turn_message_id(conversation_id: str, turn: int) -> str:
-    """The message_id of a turn: one per turn, so a redone turn keeps the id of its first try."""
-    return str(uuid.uuid5(CONVERSATION_NAMESPACE, f"{conversation_id}/{turn}"))
-
-
-def slot_id(namespace: str, slot: int) -> str:
-    """The id of the first conversation of seeding slot `slot` (re-seeding repeats it)."""
-    return str(uuid.uuid5(CONVERSATION_NAMESPACE, f"{namespace}/slot/{slot}"))
-
-
 def opening_message(conversation_id: str, opening: Opening) -> ChatMessage:
     """Turn 0 of a new conversation: the agent's greeting, with personas drawn for it alone."""
     rng = random.Random(conversation_id)  # per conversation: never shared between conversations
@@ -273,60 +255,6 @@ def handle(
     return Outcome(state, messages=out)
 
 
-def turn_order_problem(
-    turn: int, last_turn: int | None, ended: bool = False, end_reason: str | None = None
-) -> str | None:
-    """Why `turn` breaks the order of its conversation, which is at `last_turn` (None: unknown).
-
-    None when it fits: the next turn of a conversation in progress, turn 0 of a new one, or a
-    turn already seen (a duplicate, for the caller to ignore). The bots and the aggregator both
-    dead-letter what this names.
-    """
-    if last_turn is None:
-        if turn == 0:
-            return None
-        return f"turn {turn} for an unknown conversation (it must start at turn 0)"
-    if ended and turn > last_turn:
-        reason = f" ({end_reason})" if end_reason else ""
-        return f"turn {turn} after the conversation ended at turn {last_turn}{reason}"
-    if turn > last_turn + 1:
-        return f"out-of-order turn {turn}: expected turn {last_turn + 1}"
-    return None
-
-
-def _check_order(
-    state: ConversationState | None, message: ChatMessage, config: BotConfig
-) -> DeadLetter | None:
-    problem = turn_order_problem(
-        message.turn,
-        None if state is None else state.last_turn,
-        state is not None and state.ended,
-        None if state is None else state.end_reason,
-    )
-    if problem is None and state is None and message.role != "agent":
-        problem = "a conversation must start with the agent's greeting (turn 0, role agent)"
-    if (
-        problem is None
-        and state is not None
-        and message.turn == state.last_turn + 1
-        and state.history
-        and message.role == state.history[-1]["role"]
-    ):
-        problem = f"turn {message.turn} repeats the {message.role} side; roles must alternate"
-    if problem is None:
-        return None
-    from supportsim.messages import dead_letter
-
-    logger.warning("dead letter for %s: %s", message.conversation_id, problem)
-    return dead_letter(
-        message.model_dump_json().encode(),
-        problem,
-        service=config.service,
-        source_topic="chat",
-        key=message.key,
-    )
-
-
 def ending(
     role: Role, reply: Reply, answering: str, earlier_remedy: str | None, phrases: Any = None
 ) -> tuple[str | None, ConversationOutcome | None]:
@@ -399,3 +327,36 @@ def _reply(
         outcome=outcome,
         remedy=remedy,
     ), (reply.raw_text if reply.decision is not None else "")
+
+
+def _check_order(
+    state: ConversationState | None, message: ChatMessage, config: BotConfig
+) -> DeadLetter | None:
+    problem = turn_order_problem(
+        message.turn,
+        None if state is None else state.last_turn,
+        state is not None and state.ended,
+        None if state is None else state.end_reason,
+    )
+    if problem is None and state is None and message.role != "agent":
+        problem = "a conversation must start with the agent's greeting (turn 0, role agent)"
+    if (
+        problem is None
+        and state is not None
+        and message.turn == state.last_turn + 1
+        and state.history
+        and message.role == state.history[-1]["role"]
+    ):
+        problem = f"turn {message.turn} repeats the {message.role} side; roles must alternate"
+    if problem is None:
+        return None
+    from supportsim.contract.messages import dead_letter
+
+    logger.warning("dead letter for %s: %s", message.conversation_id, problem)
+    return dead_letter(
+        message.model_dump_json().encode(),
+        problem,
+        service=config.service,
+        source_topic="chat",
+        key=message.key,
+    )

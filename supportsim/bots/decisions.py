@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from supportsim.bots.cards import NO_REMEDY
 from supportsim.bots.conversation import Decision
-from supportsim.messages import Role
+from supportsim.contract.messages import Role
 
 CustomerChoice = Literal["continue", "accept", "give_up"]
 CUSTOMER_CHOICES: tuple[CustomerChoice, ...] = ("continue", "accept", "give_up")

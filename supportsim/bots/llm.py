@@ -30,7 +30,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from supportsim.bots.conversation import Decision
 from supportsim.bots.models import DEFAULT_MODEL, ModelFile, Progress, resolve_model
-from supportsim.messages import MAX_TEXT_CHARS
+from supportsim.contract.messages import MAX_TEXT_CHARS
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from langchain_core.messages import (
     trim_messages,
 )
 
-from supportsim.messages import Role
+from supportsim.contract.messages import Role
 
 TokenCounter = Callable[[list[BaseMessage]], int]
 """Counts the prompt tokens of a list of messages (the model's own tokenizer in production)."""

@@ -24,7 +24,7 @@ from langchain_core.prompts.loading import load_prompt
 from supportsim.bots.cards import Card, CardDeck, CardError, describe_policy
 from supportsim.bots.loops import Phrases, PhrasesError
 from supportsim.bots.scenario_files import read_yaml
-from supportsim.messages import Role
+from supportsim.contract.messages import Role
 
 DEFAULT_SCENARIO = "electronics"
 PROMPTS_ROOT = Path(__file__).resolve().parents[2] / "prompts"

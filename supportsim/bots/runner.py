@@ -21,14 +21,16 @@ from supportsim.bots.conversation import (
     Responder,
     handle,
     opening_message,
-    slot_id,
 )
 from supportsim.bots.llm import FatalSetupError
-from supportsim.messages import ChatMessage, Role, to_json
-from supportsim.service import configure_logging
+from supportsim.contract.messages import ChatMessage, Role, to_json
+from supportsim.contract.protocol import slot_id
+from supportsim.kafka.app import make_app
+from supportsim.kafka.dead_letters import validated, write_dead_letter
+from supportsim.kafka.producers import close_producer
+from supportsim.kafka.topics import Topics
+from supportsim.logs import configure_logging
 from supportsim.settings import ServiceSettings
-from supportsim.streaming import close_producer, make_app, validated, write_dead_letter
-from supportsim.topics import Topics
 
 logger = logging.getLogger(__name__)
 STATE_KEY = "conversation"

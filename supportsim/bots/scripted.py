@@ -10,7 +10,7 @@ import random
 import time
 
 from supportsim.bots.conversation import ConversationState, Decision, Reply
-from supportsim.messages import Role
+from supportsim.contract.messages import Role
 
 CUSTOMER_LINES = [
     "My {product} stopped working after two days and I am {mood} about it.",

@@ -20,7 +20,7 @@ import httpx
 from langchain_core.messages import BaseMessage
 
 from supportsim.bots.llm import FatalSetupError, LLMConfig, Reply, clean_reply
-from supportsim.service import redacted
+from supportsim.logs import redacted
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,6 @@ from typing import Any, Protocol
 
 from langchain_core.messages import BaseMessage
 
-from supportsim.bots.conversation import turn_message_id
 from supportsim.bots.decisions import (
     MAX_REPLY_CHARS,
     MalformedDecisionError,
@@ -33,7 +32,8 @@ from supportsim.bots.loops import (
 from supportsim.bots.memory import bounded_messages
 from supportsim.bots.models import Progress
 from supportsim.bots.prompts import Directions, Persona, Scenario
-from supportsim.messages import Role
+from supportsim.contract.messages import Role
+from supportsim.contract.protocol import turn_message_id
 
 logger = logging.getLogger(__name__)
 

@@ -430,7 +430,7 @@ def test_sentiment_model_is_trained_at_build_time():
     dockerfile = service_dockerfile("sentiment_analysis")
     runs = [" ".join(words) for words in run_segments(dockerfile.final)]
     assert "python -m supportsim.sentiment train --threads 2" in runs
-    tree = ast.parse((REPO / "supportsim" / "sentiment.py").read_text(encoding="utf-8"))
+    tree = ast.parse((REPO / "supportsim" / "sentiment" / "model.py").read_text(encoding="utf-8"))
     parsers = {
         node.args[0].value
         for node in ast.walk(tree)
@@ -440,7 +440,7 @@ def test_sentiment_model_is_trained_at_build_time():
         and node.args
         and isinstance(node.args[0], ast.Constant)
     }
-    assert "train" in parsers, "supportsim.sentiment has no `train` command any more"
+    assert "train" in parsers, "supportsim.sentiment.model has no `train` command any more"
     env = image_env(dockerfile)
     assert env.get("SUPPORTSIM_CACHE") and env.get("HF_HUB_OFFLINE") == "1"
 

@@ -171,7 +171,7 @@ def test_app_yaml_builds_the_service(service):
 
 
 def test_stack_services_are_all_deployed(quix):
-    stack = importlib.import_module("supportsim.stack")
+    stack = importlib.import_module("supportsim.local.stack")
     names = {spec.name for spec in stack.SERVICES}
     assert names <= set(deployments(quix)), names - set(deployments(quix))
 

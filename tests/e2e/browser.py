@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from supportsim.dashboard_data import dashboard_argv
-from supportsim.stack import REPO_ROOT, free_port, spawn, stop_process
+from supportsim.live.sample import dashboard_argv
+from supportsim.local.processes import REPO_ROOT, free_port, spawn, stop_process
 
 ARTIFACTS = REPO_ROOT / "artifacts"
 CHROMIUM_ARGS = [

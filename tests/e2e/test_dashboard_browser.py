@@ -12,14 +12,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from supportsim.dashboard_data import (
-    RedisKeys,
-    sample_conversation,
-    sample_fleet,
-    sample_series,
-    write_sample,
-)
-from supportsim.messages import new_id, now_ms
+from supportsim.contract.messages import new_id, now_ms
+from supportsim.contract.redis_keys import RedisKeys
+from supportsim.live.sample import sample_conversation, sample_fleet, sample_series, write_sample
 from tests.e2e.browser import (
     open_page,
     require_browser,

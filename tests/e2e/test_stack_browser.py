@@ -10,7 +10,7 @@ import time
 
 import redis
 
-from supportsim.messages import new_id
+from supportsim.contract.messages import new_id
 from tests.e2e.browser import open_page, require_browser, screenshot, text_content
 
 

@@ -9,10 +9,10 @@ import threading
 
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
-from supportsim import batching
-from supportsim.batching import BatchLoop, Output
+from supportsim.kafka import batch_loop as batching
+from supportsim.kafka.app import make_app
+from supportsim.kafka.batch_loop import BatchLoop, Output
 from supportsim.settings import ServiceSettings
-from supportsim.streaming import make_app
 from tests.support import chat_message, produce_json, read_topic, values
 
 

@@ -6,9 +6,10 @@ import sys
 
 from confluent_kafka.admin import AdminClient, ConfigResource
 
-from supportsim.messages import ChatMessage
+from supportsim.contract.messages import ChatMessage
+from supportsim.kafka.app import make_app
+from supportsim.kafka.dead_letters import validated
 from supportsim.settings import ServiceSettings
-from supportsim.streaming import make_app, validated
 from tests.support import chat_message, produce, produce_json, read_topic, values
 
 

@@ -12,7 +12,7 @@ import random
 
 import pytest
 
-from supportsim import chaos
+from tests.harness import chaos
 
 pytestmark = pytest.mark.slow
 

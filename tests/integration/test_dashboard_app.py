@@ -15,18 +15,17 @@ import streamlit as st
 from streamlit.runtime.media_file_manager import MediaFileManager
 from streamlit.testing.v1 import AppTest
 
-from supportsim.dashboard_data import (
-    DashboardSettings,
-    DashboardStore,
-    RedisKeys,
+from supportsim.contract.messages import new_id, now_ms
+from supportsim.contract.redis_keys import RedisKeys
+from supportsim.live.sample import (
     sample_conversation,
     sample_fleet,
     sample_pipeline,
     sample_series,
     write_sample,
 )
-from supportsim.messages import new_id, now_ms
-from supportsim.stack import REPO_ROOT, free_port
+from supportsim.live.store import DashboardSettings, DashboardStore
+from supportsim.local.processes import REPO_ROOT, free_port
 
 APP = str(REPO_ROOT / "dashboard" / "main.py")
 HOSTILE = [
@@ -471,7 +470,7 @@ def test_the_wall_shows_the_most_recently_active_conversations_side_by_side(
 
 def escape(text: str) -> str:
     """How the page escapes model text for markdown (every ASCII punctuation mark)."""
-    from supportsim.dashboard_data import escape_markdown
+    from supportsim.live.views import escape_markdown
 
     return escape_markdown(text)
 

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from supportsim.datasets import ConversationFiles
-from supportsim.export import ExportOptions, add_export_commands, compare, export
-from supportsim.messages import new_id
+from supportsim.contract.messages import new_id
+from supportsim.datasets.export import ExportOptions, add_export_commands, export
+from supportsim.kafka.app import make_app
+from supportsim.sentiment.compare import add_compare_command, compare
 from supportsim.settings import ServiceSettings
-from supportsim.streaming import make_app
+from supportsim.sinks.dataset_files import ConversationFiles
 from tests.support import ServiceProcess, chat_message, produce, produce_json
 
 BASE = 1_790_000_000_000  # a fixed time so expected rows do not depend on the clock
@@ -283,7 +284,9 @@ def test_cli_export_parquet_and_compare_commands(known_stream, tmp_path, capsys)
     import pyarrow.parquet as pq
 
     parser = argparse.ArgumentParser()
-    add_export_commands(parser.add_subparsers(dest="command"))
+    commands = parser.add_subparsers(dest="command")
+    add_export_commands(commands)
+    add_compare_command(commands)
     args = parser.parse_args(
         ["export", "--out", str(tmp_path), "--format", "parquet,jsonl", "--no-progress"]
     )

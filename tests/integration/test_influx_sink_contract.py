@@ -24,7 +24,11 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from quixstreams.sinks.base import SinkBackpressureError
 
-from supportsim.history import (
+from supportsim.contract.messages import new_id, now_ms
+from supportsim.kafka.app import make_app
+from supportsim.local.processes import REPO_ROOT, free_port
+from supportsim.settings import ServiceSettings
+from supportsim.sinks.influx import (
     HistorySettings,
     HistorySink,
     decode_text,
@@ -33,10 +37,6 @@ from supportsim.history import (
     influx_configured,
     tag_value,
 )
-from supportsim.messages import new_id, now_ms
-from supportsim.settings import ServiceSettings
-from supportsim.stack import REPO_ROOT, free_port
-from supportsim.streaming import make_app
 from tests.support import ServiceProcess, chat_message, produce, produce_json, read_topic, values
 
 BATCH_SIZE = 25

@@ -24,8 +24,8 @@ from supportsim.bots.models import resolve_model
 from supportsim.bots.prompts import Scenario
 from supportsim.bots.server import ServerAuthError, ServerChatLLM
 from supportsim.bots.turns import LLMResponder, generate_turn
-from supportsim.messages import ChatMessage
-from supportsim.stack import free_port, spawn, stop_process
+from supportsim.contract.messages import ChatMessage
+from supportsim.local.processes import free_port, spawn, stop_process
 from tests.support import ServiceProcess, read_topic, transcript_problems, transcripts, values
 
 pytest.importorskip("llama_cpp.server.app", reason="llama-cpp-python[server] is not installed")

@@ -3,7 +3,7 @@
 Invalid JSON, a JSON array, wrong types, missing fields, an unknown role, a 1 MiB text, invalid
 UTF-8, an empty value, a key that is not the conversation id, a turn for an unknown
 conversation, an out-of-order turn and two duplicates of a message_id (same and other text) go
-into each topic of the running pipeline (`supportsim.chaos.poison_catalogue`). Every record must
+into each topic of the running pipeline (`tests.harness.chaos.poison_catalogue`). Every record must
 reach the dead-letter topic, with a reason, from every service that reads it (a duplicate must be
 ignored instead, as the aggregator's log shows); no replica may crash or restart; the healthy
 conversations must complete and verify exact against chat-scored and Redis.
@@ -11,7 +11,7 @@ conversations must complete and verify exact against chat-scored and Redis.
 
 import pytest
 
-from supportsim import chaos
+from tests.harness import chaos
 
 pytestmark = pytest.mark.slow
 

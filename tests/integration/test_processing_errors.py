@@ -7,9 +7,10 @@ it instead of quietly dead-lettering every message it touches.
 
 import pytest
 
-from supportsim.messages import ChatMessage
+from supportsim.contract.messages import ChatMessage
+from supportsim.kafka.app import make_app
+from supportsim.kafka.dead_letters import validated
 from supportsim.settings import ServiceSettings
-from supportsim.streaming import make_app, validated
 from tests.support import chat_message, produce_json, read_topic, values
 
 

@@ -8,8 +8,9 @@ producer uses next).
 import gc
 import os
 
+from supportsim.kafka.app import make_app
+from supportsim.kafka.producers import fence_predecessor
 from supportsim.settings import ServiceSettings
-from supportsim.streaming import fence_predecessor, make_app
 
 
 def threads() -> int:

@@ -20,11 +20,12 @@ import pytest
 import redis
 from quixstreams.sinks.base import SinkBackpressureError, SinkBatch
 
-from supportsim.aggregates import ConversationSink, Limits, RedisKeys, encode
-from supportsim.messages import new_id, now_ms
+from supportsim.contract.messages import new_id, now_ms
+from supportsim.contract.redis_keys import RedisKeys
+from supportsim.kafka.app import make_app
+from supportsim.local.processes import free_port, spawn, stop_process, wait_for_port
 from supportsim.settings import ServiceSettings
-from supportsim.stack import free_port, spawn, stop_process, wait_for_port
-from supportsim.streaming import make_app
+from supportsim.sinks.live_view import ConversationSink, Limits, encode
 from tests.support import ServiceProcess, produce, produce_json, read_topic, values
 
 RETENTION_S = 3600

@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from supportsim.sentiment import (
+from supportsim.sentiment.model import (
     BUILTIN_NAME,
     Scorer,
     builtin_model_dir,

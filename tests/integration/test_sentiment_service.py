@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from supportsim.messages import MAX_TEXT_CHARS, new_id
-from supportsim.scoring import SentimentSettings
-from supportsim.sentiment import BUILTIN_NAME, load_examples
-from supportsim.stack import REPO_ROOT
-from supportsim.streaming import make_app
+from supportsim.contract.messages import MAX_TEXT_CHARS, new_id
+from supportsim.kafka.app import make_app
+from supportsim.local.processes import REPO_ROOT
+from supportsim.sentiment.model import BUILTIN_NAME, load_examples
+from supportsim.sentiment.service import SentimentSettings
 from tests.support import ServiceProcess, chat_message, produce, produce_json, read_topic, values
 
 SERVICE = "sentiment_analysis"

@@ -11,7 +11,8 @@ import subprocess
 
 import pytest
 
-from supportsim.stack import UP_RUN_KEY, Stack, StackError
+from supportsim.local.processes import StackError
+from supportsim.local.stack import UP_RUN_KEY, Stack
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from supportsim.messages import new_id
-from supportsim.stack import free_port
+from supportsim.contract.messages import new_id
+from supportsim.local.processes import free_port
 
 SUPPORTSIM = [sys.executable, "-m", "supportsim.cli"]
 

@@ -5,11 +5,12 @@ import random
 import orjson
 import pytest
 
-from supportsim.aggregates import (
+from supportsim.contract.messages import ScoredMessage, new_id
+from supportsim.contract.redis_keys import RedisKeys
+from supportsim.sinks.live_view import (
     AggregatorSettings,
     Folded,
     Limits,
-    RedisKeys,
     RedisSink,
     Reject,
     Skip,
@@ -26,7 +27,6 @@ from supportsim.aggregates import (
     pipeline_view,
     series_view,
 )
-from supportsim.messages import ScoredMessage, new_id
 from tests.support import chat_message
 
 LIMITS = Limits(recent_messages=3, retention_ms=60_000, bucket_ms=10_000, buckets=4, sentiments=5)
@@ -118,15 +118,27 @@ def test_the_final_message_ends_the_conversation_and_later_turns_are_rejected():
     assert isinstance(again, Skip) and "ended at turn 1" in again.reason
 
 
-def test_an_unknown_conversation_or_a_gap_in_the_turns_is_rejected():
+def test_an_unknown_conversation_or_a_gap_beyond_the_limit_is_rejected():
     cid = new_id()
     stranger = fold_message(None, scored(cid, 5), LIMITS)
     assert isinstance(stranger, Reject) and "unknown conversation" in stranger.reason
     aggregate, _ = fold_all([scored(cid, 0), scored(cid, 1)])
     before = encode(aggregate)
-    gap = fold_message(aggregate, scored(cid, 3), LIMITS)
-    assert isinstance(gap, Reject) and "out-of-order turn 3: expected turn 2" in gap.reason
+    far = 2 + LIMITS.max_turn_gap + 1
+    gap = fold_message(aggregate, scored(cid, far), LIMITS)
+    assert isinstance(gap, Reject) and f"out-of-order turn {far}: expected turn 2" in gap.reason
     assert encode(aggregate) == before
+
+
+def test_a_turn_dead_lettered_upstream_does_not_take_the_rest_of_its_conversation():
+    cid = new_id()
+    # turn 2 never arrives (the sentiment service dead-lettered it): 3, 4 and the end still count
+    aggregate, contributions = fold_all(
+        [scored(cid, 0), scored(cid, 1), scored(cid, 3), scored(cid, 4, final=True)]
+    )
+    assert aggregate["messages"] == 4 and aggregate["last_turn"] == 4
+    assert aggregate["missing_turns"] == 1
+    assert aggregate["status"] == "ended" and contributions[-1]["ended"]
 
 
 def test_duplicates_and_older_turns_are_skipped_without_changing_anything():
@@ -398,7 +410,8 @@ def test_the_chat_is_counted_once_per_turn_as_the_scored_side_counts_it():
     assert counted == [True] * 4
     assert not fold_chat(pipeline, messages[2], LIMITS)  # a duplicate
     assert not fold_chat(pipeline, chat_message(new_id(), turn=3), LIMITS)  # unknown conversation
-    assert not fold_chat(pipeline, chat_message(cid, turn=9), LIMITS)  # a gap
+    far = 3 + 1 + LIMITS.max_turn_gap + 1
+    assert not fold_chat(pipeline, chat_message(cid, turn=far), LIMITS)  # a gap beyond the limit
     final = chat_message(cid, turn=4, timestamp_ms=T0 + 4000, final=True)
     assert fold_chat(pipeline, final, LIMITS)
     assert not fold_chat(pipeline, chat_message(cid, turn=5), LIMITS)  # after the end

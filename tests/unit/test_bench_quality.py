@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from supportsim.stack import REPO_ROOT
+from supportsim.local.processes import REPO_ROOT
 
 CARD = {
     "scenario": "electronics",

@@ -6,7 +6,7 @@ from datetime import timedelta
 from quixstreams.state.rocksdb import RocksDBStorePartition
 
 from supportsim.bots.runner import _log_assembly
-from supportsim.messages import new_id, to_json
+from supportsim.contract.messages import new_id, to_json
 
 
 def test_model_assembly_progress_is_logged_at_each_tenth(caplog):

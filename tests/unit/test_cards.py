@@ -8,9 +8,10 @@ import shutil
 import pytest
 
 from supportsim.bots.cards import Card, CardDeck, CardError
-from supportsim.bots.conversation import BotConfig, Reply, handle, opening_message, slot_id
+from supportsim.bots.conversation import BotConfig, Reply, handle, opening_message
 from supportsim.bots.prompts import PROMPTS_ROOT, Persona, Scenario, ScenarioError
-from supportsim.messages import ChatMessage
+from supportsim.contract.messages import ChatMessage
+from supportsim.contract.protocol import slot_id
 
 SCENARIOS = ["electronics", "travel"]
 

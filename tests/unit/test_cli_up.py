@@ -1,7 +1,7 @@
 """What `supportsim up`'s options set for the bots, and where `up` can run."""
 
 from supportsim.cli import bot_env, build_parser
-from supportsim.stack import DEFAULT_BOT_THREADS
+from supportsim.local.stack import DEFAULT_BOT_THREADS
 
 
 def up_env(*argv: str, environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -23,7 +23,8 @@ def test_local_bots_share_the_cores_unless_llm_n_threads_is_set():
 
 
 def test_up_outside_a_checkout_says_so_before_starting_anything(tmp_path, monkeypatch, capsys):
-    from supportsim import cli, stack
+    from supportsim import cli
+    from supportsim.local import stack
 
     def no_start(self, *args, **kwargs):
         raise AssertionError("started the broker outside a checkout")

@@ -10,11 +10,10 @@ from supportsim.bots.conversation import (
     Reply,
     handle,
     opening_message,
-    slot_id,
-    successor_id,
 )
 from supportsim.bots.scripted import ScriptedResponder
-from supportsim.messages import ChatMessage
+from supportsim.contract.messages import ChatMessage
+from supportsim.contract.protocol import slot_id, successor_id
 
 
 class FixedOpening:

@@ -10,35 +10,38 @@ import re
 import pandas as pd
 import pytest
 
-from supportsim.dashboard_data import (
-    BUCKET_MS,
+from supportsim.contract.redis_keys import RedisKeys
+from supportsim.live.frames import (
     CONVERSATION_COLUMNS,
-    DashboardSettings,
-    RedisKeys,
-    Snapshot,
     as_int,
     as_number,
     as_text,
-    breakdown,
     conversation_frame,
-    conversations_csv,
+    ms_to_datetime,
+    parse_json,
+    series_frame,
+    summarize,
+)
+from supportsim.live.sample import (
     dashboard_argv,
+    sample_conversation,
+    sample_fleet,
+    sample_pipeline,
+    sample_series,
+)
+from supportsim.live.store import DashboardSettings, Snapshot
+from supportsim.live.views import (
+    BUCKET_MS,
+    breakdown,
+    conversations_csv,
     end_reasons,
     escape_markdown,
     filter_conversations,
     filter_options,
     headline,
-    ms_to_datetime,
-    parse_json,
     persona_labels,
     recent_rates,
-    sample_conversation,
-    sample_fleet,
-    sample_pipeline,
-    sample_series,
     sentiment_trend,
-    series_frame,
-    summarize,
     transcript,
     wall_ranking,
     wall_slots,
@@ -502,7 +505,7 @@ def test_a_tile_without_card_or_outcome_shows_the_end_reason():
 
 
 def test_sample_documents_have_every_field_the_aggregator_writes():
-    from supportsim.aggregates import Limits, fold_message
+    from supportsim.sinks.live_view import Limits, fold_message
     from tests.support import chat_message
 
     message = chat_message(turn=0, final=True, end_reason="goodbye")

@@ -11,30 +11,31 @@ from datetime import timedelta
 import pytest
 from quixstreams.state.rocksdb import RocksDBStorePartition
 
-from supportsim.datasets import (
-    CONVERSATION_COLUMNS,
-    MESSAGE_COLUMNS,
-    ConversationFiles,
-    chat_record,
-    collect_conversation,
-    dataset_sink_enabled,
-    message_row,
-    summarize,
-)
-from supportsim.export import (
-    Comparison,
+from supportsim.contract.messages import new_id
+from supportsim.datasets.export import (
     ConversationStore,
-    CsvRows,
     ExportError,
     ExportOptions,
     add_export_commands,
-    csv_cell,
     parse_formats,
     parse_time,
     read_conversation_ids,
     rejection_reason,
 )
-from supportsim.messages import new_id
+from supportsim.datasets.rows import (
+    CONVERSATION_COLUMNS,
+    MESSAGE_COLUMNS,
+    chat_record,
+    message_row,
+    summarize,
+)
+from supportsim.datasets.writers import CsvRows, csv_cell
+from supportsim.sentiment.compare import Comparison, add_compare_command
+from supportsim.sinks.dataset_files import (
+    ConversationFiles,
+    collect_conversation,
+    dataset_sink_enabled,
+)
 from tests.support import chat_message
 
 
@@ -98,7 +99,9 @@ def test_options_filter_by_time_range_and_conversation():
 
 def test_cli_registers_export_and_compare_with_their_options():
     parser = argparse.ArgumentParser()
-    add_export_commands(parser.add_subparsers(dest="command"))
+    commands = parser.add_subparsers(dest="command")
+    add_export_commands(commands)
+    add_compare_command(commands)
     args = parser.parse_args(["export", "--conversation", "a", "--conversation", "b"])
     assert (args.out, args.format, args.conversation) == ("dataset", "csv,jsonl", ["a", "b"])
     assert not args.complete_only and not args.chat_jsonl and not args.include_failed_endings

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from supportsim.messages import (
+from supportsim.contract.messages import (
     MAX_TEXT_CHARS,
     ChatMessage,
     DeadLetter,

@@ -19,7 +19,7 @@ from supportsim.bots.prompts import (
     ScenarioError,
     read_list,
 )
-from supportsim.messages import AgentPersona, CustomerPersona, ScenarioCard
+from supportsim.contract.messages import AgentPersona, CustomerPersona, ScenarioCard
 
 SCENARIOS = ["electronics", "travel"]
 

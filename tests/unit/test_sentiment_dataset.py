@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from supportsim.sentiment import LABELS, ROLES, load_examples, normalise_label, read_examples
+from supportsim.sentiment.model import LABELS, ROLES, load_examples, normalise_label, read_examples
 
 
 def _key(text: str) -> str:

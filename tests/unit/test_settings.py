@@ -1,7 +1,7 @@
 """Settings come from the environment only, with local defaults, and keep secrets secret."""
 
+from supportsim.kafka.app import connection
 from supportsim.settings import KafkaSettings, RedisSettings, ServiceSettings
-from supportsim.streaming import connection
 
 
 def test_defaults_run_locally(monkeypatch):

@@ -8,7 +8,7 @@ import random
 import pytest
 from langchain_core.messages import BaseMessage
 
-from supportsim.bots.conversation import BotConfig, handle, opening_message, slot_id
+from supportsim.bots.conversation import BotConfig, handle, opening_message
 from supportsim.bots.decisions import (
     MalformedDecisionError,
     decision_schema,
@@ -17,6 +17,7 @@ from supportsim.bots.decisions import (
 from supportsim.bots.llm import LLMConfig, Reply
 from supportsim.bots.prompts import Scenario
 from supportsim.bots.turns import LLMResponder, attempt_seed, generate_turn
+from supportsim.contract.protocol import slot_id
 
 SCENARIO = Scenario.load("electronics")
 REMEDIES = SCENARIO.remedies

@@ -13,7 +13,7 @@ from quixstreams import Application
 from quixstreams.models import TopicConfig
 from quixstreams.models.topics import Topic
 
-from supportsim.messages import DeadLetter
+from supportsim.contract.messages import DeadLetter
 from supportsim.settings import ServiceSettings
 
 

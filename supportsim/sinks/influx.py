@@ -33,9 +33,10 @@ from quixstreams import Application
 from quixstreams.models import HeadersTuples
 from quixstreams.sinks.base import BaseSink, SinkBackpressureError
 
-from supportsim.messages import ScoredMessage
+from supportsim.contract.messages import ScoredMessage
+from supportsim.kafka.app import make_app
+from supportsim.kafka.dead_letters import validated
 from supportsim.settings import ServiceSettings
-from supportsim.streaming import make_app, validated
 
 logger = logging.getLogger(__name__)
 

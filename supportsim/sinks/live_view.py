@@ -39,12 +39,13 @@ from pydantic_settings import SettingsConfigDict
 from quixstreams import Application, State
 from quixstreams.sinks.base import BatchingSink, SinkBackpressureError, SinkBatch
 
-from supportsim.bots.conversation import turn_order_problem
-from supportsim.messages import ChatMessage, DeadLetter, ScoredMessage, now_ms, parse
-from supportsim.redis_keys import RedisKeys
+from supportsim.contract.messages import ChatMessage, DeadLetter, ScoredMessage, now_ms, parse
+from supportsim.contract.protocol import turn_order_problem
+from supportsim.contract.redis_keys import RedisKeys
+from supportsim.kafka.app import make_app
+from supportsim.kafka.dead_letters import validated
+from supportsim.kafka.topics import Topics
 from supportsim.settings import RedisSettings, ServiceSettings
-from supportsim.streaming import make_app, validated
-from supportsim.topics import Topics
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,8 @@ class Limits:
     bucket_ms: int = 10_000
     buckets: int = 360
     sentiments: int = MAX_SENTIMENTS
+    # turns of an open conversation that may be missing (dead-lettered upstream) before a turn
+    max_turn_gap: int = 10
 
 
 # --------------------------------------------------------------------------- per conversation
@@ -149,8 +152,10 @@ def fold_message(aggregate: dict | None, message: dict, limits: Limits) -> Folde
     or left untouched otherwise. Turns only move forward, one at a time, as the bots write them:
 
     - a turn not after the last one (a producer duplicate, a late older turn) is skipped;
-    - a first message that is not turn 0 (an unknown conversation), a turn that leaves a gap,
-      and a turn after the final one are rejected (dead letters, with the reason).
+    - a first message that is not turn 0 (an unknown conversation), a turn that leaves a gap
+      of more than `limits.max_turn_gap` turns, and a turn after the final one are rejected
+      (dead letters, with the reason);
+    - a smaller gap (turns dead-lettered upstream) is accepted and counted in `missing_turns`.
 
     The aggregate has the shape of the `conversation:{id}` value in Redis (docs/redis-keys.md),
     so one encoding serves both state and Redis.
@@ -163,6 +168,7 @@ def fold_message(aggregate: dict | None, message: dict, limits: Limits) -> Folde
         turn,
         None if aggregate is None else aggregate["last_turn"],
         aggregate is not None and aggregate["status"] == "ended",
+        max_gap=limits.max_turn_gap,
     )
     if problem is not None:
         return Reject(f"{problem} ({where})")
@@ -194,6 +200,9 @@ def fold_message(aggregate: dict | None, message: dict, limits: Limits) -> Folde
     aggregate.setdefault("card", None)
     aggregate.setdefault("outcome", None)
     aggregate.setdefault("remedy", None)
+    aggregate.setdefault("missing_turns", 0)
+    if not started:
+        aggregate["missing_turns"] += turn - aggregate["last_turn"] - 1
     points = score_micro(sentiment["score"])
     role = message["role"]
     _add_role_score(aggregate["roles"], role, sentiment["score"])
@@ -802,7 +811,9 @@ def fold_chat(pipeline: dict, message: dict, limits: Limits) -> bool:
     """
     cid, turn = message["conversation_id"], message["turn"]
     last, ended = pipeline["turns"].get(cid, (None, False))
-    if turn_order_problem(turn, last, ended) or (last is not None and turn <= last):
+    if turn_order_problem(turn, last, ended, max_gap=limits.max_turn_gap) or (
+        last is not None and turn <= last
+    ):
         return False
     pipeline["turns"][cid] = [turn, bool(message.get("final"))]
     timestamp = message["timestamp_ms"]

@@ -13,12 +13,12 @@ import time
 
 from confluent_kafka import Message
 
-from supportsim.batching import BatchLoop, Output
-from supportsim.messages import DeadLetter, ScoredMessage, dead_letter, parse_chat
-from supportsim.service import configure_logging
+from supportsim.contract.messages import DeadLetter, ScoredMessage, dead_letter, parse_chat
+from supportsim.kafka.app import make_app
+from supportsim.kafka.batch_loop import BatchLoop, Output
+from supportsim.kafka.topics import Topics
+from supportsim.logs import configure_logging
 from supportsim.settings import BUILTIN_SENTIMENT_MODEL, ServiceSettings
-from supportsim.streaming import make_app
-from supportsim.topics import Topics
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def _json(model) -> bytes:
 
 def run_sentiment_service(settings: SentimentSettings | None = None) -> None:
     """Run the scorer until SIGTERM."""
-    from supportsim.sentiment import Scorer
+    from supportsim.sentiment.model import Scorer
 
     settings = settings or SentimentSettings()
     configure_logging(settings.log_level, settings.service_name)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from confluent_kafka import KafkaException, Message, TopicPartition
 from quixstreams import Application
 
-from supportsim.streaming import close_producer, transactional_producer
+from supportsim.kafka.producers import close_producer, transactional_producer
 
 logger = logging.getLogger(__name__)
 

