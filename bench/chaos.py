@@ -6,7 +6,7 @@ model) in this process, then kills a random service process with SIGKILL every f
 service at least twice (the finished conversation_starter job is launched again and killed while
 it seeds); the stack's supervisor restarts whatever died. Then the kills stop, every replica is
 back, every conversation in progress must get a new turn (nothing stalled), the bots are stopped
-and the rest drains, and `tests.harness.chaos.verify` checks, per conversation and per message_id:
+and the rest drains, and `tests.harness.oracle.verify` checks, per conversation and per message_id:
 
 - chat: turns consecutive from 0, roles alternating, one persona, final only on the last turn
   with an end_reason, the replacement of every ended conversation started, nothing else started;
@@ -19,10 +19,10 @@ Raw duplicates (the same message_id twice, from a transaction the broker shows a
 aborted, then redone) are counted and printed; the checks compare first copies, as consumers do.
 
 With `--poison` it runs the poison check instead (no kills): every kind of bad input
-(`tests.harness.chaos.poison_catalogue`) goes into `chat` and into `chat-scored` while conversations
-run; each record must reach the dead-letter topic with a reason from every service that reads it
-(or, for a duplicate, be ignored, as the aggregator's log line shows), no replica may restart or
-change PID, and the healthy conversations must verify exact as above.
+(`tests.harness.poisons.poison_catalogue`) goes into `chat` and into `chat-scored` while
+conversations run; each record must reach the dead-letter topic with a reason from every service
+that reads it (or, for a duplicate, be ignored, as the aggregator's log line shows), no replica
+may restart or change PID, and the healthy conversations must verify exact as above.
 
 Usage: .venv/bin/python bench/chaos.py [--quick] [--poison] [--seed N] [--keep]
 Last line: RESULT chaos ratio=<conversations verified exact / started> target=1.0
@@ -44,7 +44,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from supportsim.settings import RedisSettings  # noqa: E402
-from tests.harness import chaos  # noqa: E402
+from tests.harness import (
+    chaos,  # noqa: E402
+    oracle,  # noqa: E402
+    poisons,  # noqa: E402
+    runs,  # noqa: E402
+)
 
 
 def main() -> int:
@@ -61,7 +66,7 @@ def main() -> int:
 
     seed = args.seed if args.seed is not None else random.randrange(1_000_000)
     duration = args.duration or (100.0 if args.quick else 600.0)
-    config = chaos.RunConfig(
+    config = runs.RunConfig(
         conversations=args.conversations or (8 if args.quick else 16),
         max_turns=8,
         think_time_s=0.15,
@@ -75,8 +80,8 @@ def main() -> int:
     run_dir = Path(tempfile.mkdtemp(prefix="supportsim-chaos-"))
     redis_url = RedisSettings().redis_url.get_secret_value()
     say(f"seed {seed}; {config.conversations} conversations; {duration:.0f} s of kills")
-    with chaos.running_stack(run_dir, config, redis_url, say) as stack:
-        if not chaos.wait_for_flow(stack, config, config.conversations * 2, 180, say):
+    with runs.running_stack(run_dir, config, redis_url, say) as stack:
+        if not runs.wait_for_flow(stack, config, config.conversations * 2, 180, say):
             say("the pipeline did not start: see the logs")
             print(f"RESULT chaos ratio=0 target=1.0 error=no_flow run_dir={run_dir}")
             return 1
@@ -84,13 +89,13 @@ def main() -> int:
         driver = chaos.KillDriver(stack, random.Random(seed), say=say)
         chaos.run_chaos(stack, driver, duration, interval_s=(3.0, 7.0), min_kills=2, say=say)
         say(f"kills stopped: {driver.summary()}; waiting for every replica")
-        chaos.supervise_for(stack, 180, say, until=lambda: chaos.all_up(stack))
-        chaos.supervise_for(stack, 10, say)
-        stalled = chaos.wait_for_progress(stack, 90, say=say)
+        runs.supervise_for(stack, 180, say, until=lambda: runs.all_up(stack))
+        runs.supervise_for(stack, 10, say)
+        stalled = oracle.wait_for_progress(stack, 90, say=say)
         say(f"stalled conversations: {len(stalled)}; stopping the bots, draining")
-        chaos.stop_bots(stack)
-        result, _ = chaos.drain_and_verify(stack, config, 120, say, stalled=stalled)
-        restarts = sum(chaos.restarts(stack).values())
+        runs.stop_bots(stack)
+        result, _ = oracle.drain_and_verify(stack, config, 120, say, stalled=stalled)
+        restarts = sum(runs.restarts(stack).values())
     for line in result.lines():
         say(line)
     say(f"kills: {driver.summary()} ({len(driver.history)} in all); restarts: {restarts}")
@@ -111,7 +116,7 @@ def main() -> int:
 
 def poison(args: argparse.Namespace) -> int:
     """The poison run: bad input while conversations run, no kills."""
-    config = chaos.RunConfig(conversations=args.conversations or 6, max_turns=8, think_time_s=0.15)
+    config = runs.RunConfig(conversations=args.conversations or 6, max_turns=8, think_time_s=0.15)
     started = time.monotonic()
 
     def say(line: str) -> None:
@@ -119,11 +124,11 @@ def poison(args: argparse.Namespace) -> int:
 
     run_dir = Path(tempfile.mkdtemp(prefix="supportsim-poison-"))
     redis_url = RedisSettings().redis_url.get_secret_value()
-    with chaos.running_stack(run_dir, config, redis_url, say) as stack:
-        if not chaos.wait_for_flow(stack, config, config.conversations * 3, 180, say):
+    with runs.running_stack(run_dir, config, redis_url, say) as stack:
+        if not runs.wait_for_flow(stack, config, config.conversations * 3, 180, say):
             print(f"RESULT poison ratio=0 target=1.0 error=no_flow run_dir={run_dir}")
             return 1
-        run = chaos.run_poison(stack, config, say)
+        run = poisons.run_poison(stack, config, say)
     for line in run.lines():
         say(line)
     if run.ok and not args.keep:

@@ -44,7 +44,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from supportsim.contract.messages import parse_chat  # noqa: E402
 from supportsim.settings import RedisSettings, ServiceSettings  # noqa: E402
-from tests.harness import chaos  # noqa: E402
+from tests.harness import (
+    loadwatch,  # noqa: E402
+    oracle,  # noqa: E402
+    readback,  # noqa: E402
+    runs,  # noqa: E402
+)
 
 SLICE_MS = 30_000
 
@@ -53,7 +58,7 @@ def reply_times(stack, start_ms: int, end_ms: int) -> list[int]:
     """timestamp_ms of the scripted replies in `chat` (first copies) inside [start_ms, end_ms)."""
     seen: set[str] = set()
     stamps = []
-    for record in chaos.read_records(stack.broker.address, ServiceSettings().chat_topic, 300):
+    for record in readback.read_records(stack.broker.address, ServiceSettings().chat_topic, 300):
         message = parse_chat(record.value, service="load-bench", source_topic="chat")
         if getattr(message, "model", None) != "scripted" or message.message_id in seen:
             continue
@@ -78,8 +83,8 @@ def slices(start_ms: int, end_ms: int, stamps: list[int], watcher) -> list[str]:
         ]
         lines.append(
             f"  {(begin - start_ms) / 1000:5.0f}-{(end - start_ms) / 1000:3.0f} s: bots "
-            f"{rate:5.1f} replies/s, latency p50 {chaos.percentile(latencies, 50):6.0f} ms "
-            f"p99 {chaos.percentile(latencies, 99):6.0f} ms ({len(latencies)} samples)"
+            f"{rate:5.1f} replies/s, latency p50 {loadwatch.percentile(latencies, 50):6.0f} ms "
+            f"p99 {loadwatch.percentile(latencies, 99):6.0f} ms ({len(latencies)} samples)"
         )
     return lines
 
@@ -96,7 +101,7 @@ def main() -> int:
     args = parser.parse_args()
 
     duration = args.duration or (60.0 if args.quick else 300.0)
-    config = chaos.RunConfig(
+    config = runs.RunConfig(
         conversations=args.conversations, max_turns=12, think_time_s=args.think_time
     )
     started = time.monotonic()
@@ -106,8 +111,8 @@ def main() -> int:
 
     run_dir = Path(tempfile.mkdtemp(prefix="supportsim-load-"))
     redis_url = RedisSettings().redis_url.get_secret_value()
-    with chaos.running_stack(run_dir, config, redis_url, say) as stack:
-        bots = sum(1 for r in stack.replicas if r.spec.name in chaos.BOTS)
+    with runs.running_stack(run_dir, config, redis_url, say) as stack:
+        bots = sum(1 for r in stack.replicas if r.spec.name in runs.BOTS)
         offered = bots / config.think_time_s
         say(
             f"{config.conversations} conversations, {bots} bot processes, think time "
@@ -115,40 +120,40 @@ def main() -> int:
         )
 
         def seeded() -> bool:
-            totals = chaos.fleet(stack, config.key_prefix)
+            totals = runs.fleet(stack, config.key_prefix)
             return bool(totals) and totals["started"] >= config.conversations
 
-        if not chaos.supervise_for(stack, 240, say, until=seeded):
+        if not runs.supervise_for(stack, 240, say, until=seeded):
             print(f"RESULT load ratio=0 target=0.95 error=not_seeded run_dir={run_dir}")
             return 1
         say("every seed is in Redis; warming up until Redis is within 3 s of the bots")
-        chaos.supervise_for(stack, args.warmup, say)
+        runs.supervise_for(stack, args.warmup, say)
 
         def caught_up() -> bool:
-            newest = (chaos.fleet(stack, config.key_prefix) or {}).get("updated_ms") or 0
+            newest = (runs.fleet(stack, config.key_prefix) or {}).get("updated_ms") or 0
             return time.time() * 1000 - newest < 3000
 
-        if not chaos.supervise_for(stack, 60 if args.quick else 180, say, until=caught_up):
+        if not runs.supervise_for(stack, 60 if args.quick else 180, say, until=caught_up):
             say("Redis did not catch up with the bots during the warm-up; measuring anyway")
 
-        watcher = chaos.LatencyWatcher(stack.redis.url, config.key_prefix)
-        rss_start = chaos.service_rss(stack)
-        cpu_start = chaos.service_cpu(stack)
+        watcher = loadwatch.LatencyWatcher(stack.redis.url, config.key_prefix)
+        rss_start = loadwatch.service_rss(stack)
+        cpu_start = loadwatch.service_cpu(stack)
         machine = psutil.cpu_times()
-        first = chaos.fleet(stack, config.key_prefix)
+        first = runs.fleet(stack, config.key_prefix)
         window_start, start_ms = time.monotonic(), int(time.time() * 1000)
         watcher.start()
-        chaos.supervise_for(stack, duration, say)
-        last = chaos.fleet(stack, config.key_prefix)
+        runs.supervise_for(stack, duration, say)
+        last = runs.fleet(stack, config.key_prefix)
         elapsed, end_ms = time.monotonic() - window_start, int(time.time() * 1000)
         watcher.stop()
-        rss_end = chaos.service_rss(stack)
-        cpu_end = chaos.service_cpu(stack)
+        rss_end = loadwatch.service_rss(stack)
+        cpu_end = loadwatch.service_cpu(stack)
         machine_end = psutil.cpu_times()
         busy = (sum(machine_end) - machine_end.idle) - (sum(machine) - machine.idle)
         machine_busy = busy / (sum(machine_end) - sum(machine))
         load = os.getloadavg()[0]
-        restarts = sum(chaos.restarts(stack).values())
+        restarts = sum(runs.restarts(stack).values())
 
         messages = last["messages"] - first["messages"]
         replies = messages - (last["started"] - first["started"])
@@ -157,12 +162,12 @@ def main() -> int:
         bots_rate = len(stamps) / ((end_ms - start_ms) / 1000)
         verification = None
         if not args.no_verify:
-            chaos.stop_bots(stack)
+            runs.stop_bots(stack)
             drain_s = 90 if args.quick else 300
-            verification, _ = chaos.drain_and_verify(stack, config, drain_s, say)
+            verification, _ = oracle.drain_and_verify(stack, config, drain_s, say)
 
     samples = watcher.samples_ms
-    p50, p99 = chaos.percentile(samples, 50), chaos.percentile(samples, 99)
+    p50, p99 = loadwatch.percentile(samples, 50), loadwatch.percentile(samples, 99)
     for name in sorted(rss_start):
         cpu = (cpu_end.get(name, 0.0) - cpu_start.get(name, 0.0)) / elapsed
         say(

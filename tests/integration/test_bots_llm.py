@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from tests.harness.chaos import read_records
+from tests.harness.readback import read_records
 from tests.support import (
     ServiceProcess,
     finished,

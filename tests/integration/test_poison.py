@@ -3,7 +3,8 @@
 Invalid JSON, a JSON array, wrong types, missing fields, an unknown role, a 1 MiB text, invalid
 UTF-8, an empty value, a key that is not the conversation id, a turn for an unknown
 conversation, an out-of-order turn and two duplicates of a message_id (same and other text) go
-into each topic of the running pipeline (`tests.harness.chaos.poison_catalogue`). Every record must
+into each topic of the running pipeline (`tests.harness.poisons.poison_catalogue`). Every record
+must
 reach the dead-letter topic, with a reason, from every service that reads it (a duplicate must be
 ignored instead, as the aggregator's log shows); no replica may crash or restart; the healthy
 conversations must complete and verify exact against chat-scored and Redis.
@@ -11,13 +12,13 @@ conversations must complete and verify exact against chat-scored and Redis.
 
 import pytest
 
-from tests.harness import chaos
+from tests.harness import poisons, runs
 
 pytestmark = pytest.mark.slow
 
 
 def test_bad_input_is_dead_lettered_and_hurts_nothing(tmp_path, redis_url, prefix, sentiment_model):
-    config = chaos.RunConfig(
+    config = runs.RunConfig(
         conversations=4,
         max_turns=8,
         think_time_s=0.1,
@@ -25,9 +26,9 @@ def test_bad_input_is_dead_lettered_and_hurts_nothing(tmp_path, redis_url, prefi
         seed_namespace=f"{prefix}seeds",
     )
     lines: list[str] = []
-    with chaos.running_stack(tmp_path / "run", config, redis_url, lines.append) as stack:
-        assert chaos.wait_for_flow(stack, config, 12, 180, lines.append), "\n".join(lines)
-        run = chaos.run_poison(stack, config, lines.append, timeout=60)
+    with runs.running_stack(tmp_path / "run", config, redis_url, lines.append) as stack:
+        assert runs.wait_for_flow(stack, config, 12, 180, lines.append), "\n".join(lines)
+        run = poisons.run_poison(stack, config, lines.append, timeout=60)
     report = "\n".join(lines + run.lines())
 
     kinds = {(o.poison.topic, o.poison.kind) for o in run.outcomes}

@@ -1,7 +1,7 @@
 """The poison checker's verdicts: which service dead-lettered what, and why a letter is missing."""
 
 from supportsim.contract.messages import DeadLetter
-from tests.harness.chaos import Poison, poison_outcomes
+from tests.harness.poisons import Poison, poison_outcomes
 
 SERVICES = frozenset({"redis_aggregator"})
 
