@@ -34,6 +34,7 @@ from confluent_kafka import Producer
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from supportsim.contract.messages import new_id  # noqa: E402
+from supportsim.contract.redis_keys import clear_prefix  # noqa: E402
 from supportsim.local.broker import LocalBroker, LocalRedis  # noqa: E402
 from supportsim.local.processes import REPO_ROOT, spawn, stop_process  # noqa: E402
 
@@ -231,8 +232,7 @@ class Bench:
         if self.process is not None:
             stop_process(self.process)
         if self.client is not None:
-            for key in self.client.scan_iter(f"{self.prefix}*", count=1000):
-                self.client.delete(key)
+            clear_prefix(self.client, self.prefix)
         self.redis.stop()
         self.broker.stop()
 

@@ -37,6 +37,7 @@ import streamlit as st  # noqa: E402
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from supportsim.contract.messages import new_id, now_ms  # noqa: E402
+from supportsim.contract.redis_keys import clear_prefix  # noqa: E402
 from supportsim.live.sample import sample_conversation, sample_fleet, sample_series, write_sample  # noqa: E402
 from supportsim.local.broker import LocalRedis  # noqa: E402
 from supportsim.settings import RedisSettings  # noqa: E402
@@ -126,8 +127,7 @@ def main() -> int:
                 warm[size].append(render(apps[size], cold=False))
     finally:
         for prefix in sizes.values():
-            for key in client.scan_iter(f"{prefix}*", count=1000):
-                client.delete(key)
+            clear_prefix(client, prefix)
         local.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 

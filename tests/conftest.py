@@ -11,6 +11,7 @@ import pytest
 import redis
 
 from supportsim.contract.messages import new_id
+from supportsim.contract.redis_keys import clear_prefix
 from supportsim.local.broker import LocalBroker, LocalRedis
 
 
@@ -70,8 +71,7 @@ def redis_client(redis_url, prefix):
     """A Redis client; the test's own keys (by prefix) are deleted afterwards."""
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     yield client
-    for key in client.scan_iter(f"{prefix}*", count=1000):
-        client.delete(key)
+    clear_prefix(client, prefix)
 
 
 @pytest.fixture

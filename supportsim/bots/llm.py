@@ -1,7 +1,7 @@
 """The chat model of a bot process: a local GGUF model run by llama.cpp through LangChain.
 
 Load it once per process with :meth:`ChatLLM.load`; then :meth:`ChatLLM.reply` turns a list of chat
-messages into one cleaned :class:`Reply` with its token counts and latency, and
+messages into one cleaned :class:`Completion` with its token counts and latency, and
 :meth:`ChatLLM.count_tokens` measures a prompt with the model's own tokenizer (for memory trimming).
 
 By default the GGUF's own chat template formats the prompt (LangChain's ``ChatLlamaCpp``).
@@ -29,7 +29,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from supportsim.bots.conversation import Decision
-from supportsim.bots.models import DEFAULT_MODEL, ModelFile, Progress, resolve_model
+from supportsim.bots.models import DEFAULT_MODEL, AssemblyProgress, ModelFile, resolve_model
 from supportsim.contract.messages import MAX_TEXT_CHARS
 
 logger = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ class FatalSetupError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class Reply:
+class Completion:
     """One generated line: cleaned text plus what it cost."""
 
     text: str
@@ -151,7 +151,7 @@ class ChatModel(Protocol):
         repeat_penalty: float | None = None,
         conversation: str = "",
         schema: dict[str, Any] | None = None,
-    ) -> Reply: ...
+    ) -> Completion: ...
 
 
 class ChatLLM:
@@ -183,7 +183,9 @@ class ChatLLM:
         count_evaluated_tokens(client, self._evaluated)
 
     @classmethod
-    def load(cls, config: LLMConfig | None = None, *, progress: Progress | None = None) -> ChatLLM:
+    def load(
+        cls, config: LLMConfig | None = None, *, progress: AssemblyProgress | None = None
+    ) -> ChatLLM:
         """Resolve the configured model to a GGUF file and load it (seconds; once per process)."""
         config = config or LLMConfig()
         if config.max_prompt_tokens < 64:
@@ -260,7 +262,7 @@ class ChatLLM:
         repeat_penalty: float | None = None,
         conversation: str = "",
         schema: dict[str, Any] | None = None,
-    ) -> Reply:
+    ) -> Completion:
         """Generate the next line after `messages` (which must fit :attr:`max_prompt_tokens`).
 
         `stop` ends generation where the model starts writing the other side; `labels` are the
@@ -303,7 +305,7 @@ class ChatLLM:
         completion_tokens = usage.get("completion_tokens")
         if completion_tokens is None:
             completion_tokens = self._token_count(raw, add_bos=False)
-        return Reply(
+        return Completion(
             text=raw.strip()
             if schema is not None
             else clean_reply(

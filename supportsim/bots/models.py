@@ -50,7 +50,7 @@ KNOWN_FILES = {
 }
 COPY_BLOCK = 8 * 1024 * 1024
 
-Progress = Callable[[int, int], None]
+AssemblyProgress = Callable[[int, int], None]
 """Called with (bytes done, bytes total) while a model file is being assembled."""
 
 
@@ -73,7 +73,10 @@ def cache_dir() -> Path:
 
 
 def resolve_model(
-    model: str = DEFAULT_MODEL, *, cache: Path | None = None, progress: Progress | None = None
+    model: str = DEFAULT_MODEL,
+    *,
+    cache: Path | None = None,
+    progress: AssemblyProgress | None = None,
 ) -> ModelFile:
     """Resolve a model setting to a local GGUF file, assembling or downloading it if needed.
 
@@ -127,7 +130,7 @@ def qwen_chunks() -> list[Path]:
     return chunks
 
 
-def assemble_qwen(folder: Path, *, progress: Progress | None = None) -> Path:
+def assemble_qwen(folder: Path, *, progress: AssemblyProgress | None = None) -> Path:
     """Join the Qwen chunks into `folder` once (atomically) and return the verified GGUF path.
 
     A file already there is trusted when its size and modification time match the record written

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 from langchain_core.messages import BaseMessage
 
-from supportsim.bots.llm import FatalSetupError, LLMConfig, Reply, clean_reply
+from supportsim.bots.llm import Completion, FatalSetupError, LLMConfig, clean_reply
 from supportsim.logs import redacted
 
 logger = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ class ServerChatLLM:
         repeat_penalty: float | None = None,
         conversation: str = "",
         schema: dict[str, Any] | None = None,
-    ) -> Reply:
+    ) -> Completion:
         """Generate the next line after `messages` on the server.
 
         The server formats the prompt and reuses its prefix cache by itself, so `conversation`
@@ -125,7 +125,7 @@ class ServerChatLLM:
         prompt_tokens = int(usage.get("input_tokens") or 0) or self.count_tokens(messages)
         cached = (usage.get("input_token_details") or {}).get("cache_read")
         finish_reason = metadata.get("finish_reason")
-        return Reply(
+        return Completion(
             text=raw.strip()
             if schema is not None
             else clean_reply(

@@ -20,7 +20,7 @@ from supportsim.bots.decisions import (
     decision_schema,
     parse_decision,
 )
-from supportsim.bots.llm import ChatLLM, ChatModel, LLMConfig, Reply, clean_reply
+from supportsim.bots.llm import ChatLLM, ChatModel, Completion, LLMConfig, clean_reply
 from supportsim.bots.loops import (
     DUPLICATE_THRESHOLD,
     Phrases,
@@ -30,7 +30,7 @@ from supportsim.bots.loops import (
     without_cue_sentences,
 )
 from supportsim.bots.memory import bounded_messages
-from supportsim.bots.models import Progress
+from supportsim.bots.models import AssemblyProgress
 from supportsim.bots.prompts import Directions, Persona, Scenario
 from supportsim.contract.messages import Role
 from supportsim.contract.protocol import turn_message_id
@@ -114,7 +114,7 @@ class Check:
     name: str
     roles: tuple[Role, ...]
     rank: int
-    fails: Callable[[Reply, TurnView], bool]
+    fails: Callable[[Completion, TurnView], bool]
 
 
 REPEATS = "repeats"
@@ -143,7 +143,7 @@ REPEATS_RANK = next(c.rank for c in CHECKS if c.name == REPEATS)
 EMPTY = Check("empty", ("customer", "agent"), 99, lambda r, v: not r.text)
 
 
-def failed_check(reply: Reply, view: TurnView) -> Check | None:
+def failed_check(reply: Completion, view: TurnView) -> Check | None:
     """The first check of :data:`CHECKS` for its role that `reply` fails, if any."""
     return next((c for c in CHECKS if view.role in c.roles and c.fails(reply, view)), None)
 
@@ -231,7 +231,7 @@ def generate_turn(
     conversation: str = "",
     structured: bool = False,
     seed_key: str = "",
-) -> Reply:
+) -> Completion:
     """The next line of `role` in a conversation with `persona`, given its `history` so far.
 
     `history` is the plain conversation history ({"role", "text"} dicts, oldest first).
@@ -285,14 +285,14 @@ def generate_turn(
     recent = [str(line["text"]) for line in history[-RECENT_LINES:]]
     config = llm.config
 
-    def problem(reply: Reply, cue: str) -> Check | None:
+    def problem(reply: Completion, cue: str) -> Check | None:
         """The check an attempt fails (it is generated again), or None when it is fine."""
         if not reply.text:
             return EMPTY
         view = TurnView(role, recent, cue, flags["first"], scenario.phrases, duplicate_threshold)
         return failed_check(reply, view)
 
-    def attempt(messages: list[BaseMessage], cue: str, **sampling: Any) -> Reply:
+    def attempt(messages: list[BaseMessage], cue: str, **sampling: Any) -> Completion:
         seed = attempt_seed(seed_key, len(tries), config.seed)
         if seed is not None:
             sampling["seed"] = seed
@@ -316,7 +316,7 @@ def generate_turn(
         return reply
 
     cue = reminder()
-    tries: list[Reply] = []
+    tries: list[Completion] = []
     tries.append(attempt(prompt(cue), cue))
     problems = [problem(tries[-1], cue)]
     retry_cue, retry_prompt = cue, None
@@ -362,7 +362,7 @@ def generate_turn(
         )
     if len(tries) == 1:
         return chosen
-    return Reply(
+    return Completion(
         text=chosen.text,
         prompt_tokens=sum(t.prompt_tokens for t in tries),
         completion_tokens=sum(t.completion_tokens for t in tries),
@@ -377,13 +377,13 @@ def generate_turn(
 
 
 def _structured(
-    reply: Reply,
+    reply: Completion,
     role: Role,
     remedies: Sequence[str],
     stop: Sequence[str],
     labels: Sequence[str],
     config: LLMConfig,
-) -> Reply:
+) -> Completion:
     """`reply`, whose text is the model's JSON, as its cleaned reply text and decision.
 
     The stop strings, not given to the model (they could cut the JSON), cut the reply text.
@@ -423,7 +423,9 @@ class LLMResponder:
         self.structured = llm.config.structured if structured is None else structured
 
     @classmethod
-    def from_env(cls, scenario: Scenario, *, progress: Progress | None = None) -> LLMResponder:
+    def from_env(
+        cls, scenario: Scenario, *, progress: AssemblyProgress | None = None
+    ) -> LLMResponder:
         """The model of the ``LLM_*`` variables, loaded here or on a server (once per process)."""
         config = LLMConfig()
         if config.backend == "openai":
@@ -432,7 +434,7 @@ class LLMResponder:
             return cls(ServerChatLLM.connect(config), scenario)
         return cls(ChatLLM.load(config, progress=progress), scenario)
 
-    def respond(self, role: Role, conversation: ConversationView) -> Reply:
+    def respond(self, role: Role, conversation: ConversationView) -> Completion:
         """The reply of `role` to the conversation so far."""
         persona = Persona.from_contract(
             conversation.customer, conversation.agent, conversation.card, conversation.policy

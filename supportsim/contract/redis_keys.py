@@ -3,6 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
+
+DELETE_CHUNK = 500  # keys per DEL command
+
+
+class KeyClient(Protocol):
+    """What `clear_prefix` needs of a Redis client (redis-py's `Redis` has it)."""
+
+    def scan_iter(self, match: str, count: int) -> object: ...
+
+    def delete(self, *names: object) -> object: ...
 
 
 @dataclass(frozen=True)
@@ -39,3 +50,21 @@ class RedisKeys:
     def pipeline(self) -> str:
         """The JSON value of the chat and dead-letter counts (how far scoring is behind)."""
         return f"{self.prefix}pipeline"
+
+
+def keys_under(client: KeyClient, prefix: str, pattern: str = "*") -> list:
+    """Every key under `prefix` that matches `pattern` (SCAN, never KEYS)."""
+    return list(client.scan_iter(f"{prefix}{pattern}", count=1000))
+
+
+def clear_prefix(client: KeyClient, prefix: str, keys: list | None = None) -> int:
+    """Delete every key under `prefix` (or the given `keys`, found under it); return how many.
+
+    The one place that deletes a prefix: only ever call it on a prefix this caller owns.
+    """
+    if not prefix:
+        raise ValueError("refusing to clear an empty prefix: that is the whole database")
+    keys = keys_under(client, prefix) if keys is None else keys
+    for start in range(0, len(keys), DELETE_CHUNK):
+        client.delete(*keys[start : start + DELETE_CHUNK])
+    return len(keys)

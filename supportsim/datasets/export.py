@@ -153,7 +153,7 @@ class ExportOptions:
 # --- reading a topic up to its end at start -------------------------------------------------
 
 
-class Progress:
+class ProgressBar:
     """A progress bar on stderr (messages read / high watermark), or nothing when disabled."""
 
     def __init__(self, enabled: bool, description: str):
@@ -546,7 +546,9 @@ def export(options: ExportOptions, settings: ServiceSettings | None = None) -> E
     store = progress = None
     try:
         store = ConversationStore(work / "spill.sqlite", options.include_failed_endings)
-        progress = Progress(options.progress, f"reading {options.topic or settings.scored_topic}")
+        progress = ProgressBar(
+            options.progress, f"reading {options.topic or settings.scored_topic}"
+        )
         topic = resolve_topic(app, options.topic or settings.scored_topic)
         snapshot = Snapshot(
             consumer,

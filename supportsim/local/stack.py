@@ -21,6 +21,7 @@ from pathlib import Path
 
 import redis
 
+from supportsim.contract.redis_keys import clear_prefix, keys_under
 from supportsim.local.broker import LocalBroker, LocalRedis
 from supportsim.local.processes import (
     REPO_ROOT,
@@ -310,7 +311,7 @@ class Stack:
         marker = f"{prefix}{UP_RUN_KEY}"
         with redis.Redis.from_url(self.redis.url) as client:
             owner = client.get(marker)
-            stale = list(client.scan_iter(f"{prefix}*", count=1000))
+            stale = keys_under(client, prefix)
             where = f"{redacted(self.redis.url)} under {prefix!r}"
             if owner is None and stale:
                 raise StackError(
@@ -323,8 +324,7 @@ class Stack:
                     f"another `supportsim up` ({running}) writes Redis at {where}; stop it or "
                     "give this run a prefix of its own (REDIS_KEY_PREFIX=...)"
                 )
-            for start in range(0, len(stale), 500):
-                client.delete(*stale[start : start + 500])
+            clear_prefix(client, prefix, stale)
             client.set(
                 marker,
                 json.dumps(

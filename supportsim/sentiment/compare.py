@@ -18,7 +18,7 @@ from supportsim.datasets.export import (
     LABELS,
     SERVICE,
     ExportError,
-    Progress,
+    ProgressBar,
     Snapshot,
     open_consumer,
     resolve_topic,
@@ -164,7 +164,7 @@ class Comparison:
 
 
 def _load_labels(
-    db: sqlite3.Connection, table: str, consumer, topic: str, progress: Progress, stall: float
+    db: sqlite3.Connection, table: str, consumer, topic: str, progress: ProgressBar, stall: float
 ) -> tuple[int, dict[str, int]]:
     """Read one topic's labels into `table`; return (bad records, messages per sentiment model)."""
     db.execute(
@@ -219,7 +219,7 @@ def compare(
         loaded = {}
         for table, name in (("a", a), ("b", b)):
             app, consumer = open_consumer(settings, "compare")
-            bar = Progress(progress, f"reading {name}")
+            bar = ProgressBar(progress, f"reading {name}")
             try:
                 topic = resolve_topic(app, name)
                 loaded[table] = _load_labels(db, table, consumer, topic, bar, stall_timeout)

@@ -65,7 +65,7 @@ DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "sentiment"
 MAX_LENGTH = 128
 MAX_MODEL_NAME_CHARS = 200  # the message contract caps the model name
 
-Progress = Callable[[str], None]
+Say = Callable[[str], None]
 Split = Literal["train", "test"]
 
 
@@ -183,7 +183,7 @@ def train_model(
     epochs: int = TrainingConfig.epochs,
     seed: int = TrainingConfig.seed,
     threads: int = 2,
-    progress: Progress | None = None,
+    progress: Say | None = None,
 ) -> Path:
     """Fine-tune the shipped MiniLM encoder into a 3-class classifier on the train split.
 
@@ -288,7 +288,7 @@ def _save(
             shutil.rmtree(target, ignore_errors=True)
 
 
-def ensure_builtin_model(progress: Progress | None = None) -> Path:
+def ensure_builtin_model(progress: Say | None = None) -> Path:
     """The builtin model's folder, training it first if the cache does not hold it yet.
 
     A lock file makes concurrent first uses (several scorer replicas) train only once.
@@ -350,7 +350,7 @@ class Scorer:
         *,
         threads: int = 1,
         max_length: int = MAX_LENGTH,
-        progress: Progress | None = None,
+        progress: Say | None = None,
     ) -> None:
         torch.set_num_threads(threads)
         self.max_length = max_length

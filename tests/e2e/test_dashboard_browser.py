@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from supportsim.contract.messages import new_id, now_ms
-from supportsim.contract.redis_keys import RedisKeys
+from supportsim.contract.redis_keys import RedisKeys, clear_prefix
 from supportsim.live.sample import sample_conversation, sample_fleet, sample_series, write_sample
 from tests.e2e.browser import (
     open_page,
@@ -71,8 +71,7 @@ def site(redis_url, tmp_path_factory):
         with serve_dashboard(env, log_dir) as url:
             yield url, client, prefix, hostile, documents, log_dir
     finally:
-        for key in client.scan_iter(f"{prefix}*", count=1000):
-            client.delete(key)
+        clear_prefix(client, prefix)
 
 
 def test_page_shows_a_conversation_and_runs_no_model_text(site):

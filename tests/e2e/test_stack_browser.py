@@ -11,6 +11,7 @@ import time
 import redis
 
 from supportsim.contract.messages import new_id
+from supportsim.contract.redis_keys import clear_prefix
 from tests.e2e.browser import open_page, require_browser, screenshot, text_content
 
 
@@ -71,6 +72,5 @@ def test_dashboard_shows_a_conversation_the_bots_produced(tmp_path, redis_url, s
     finally:
         stack.send_signal(signal.SIGTERM)
         output, _ = stack.communicate(timeout=120)
-        for key in client.scan_iter(f"{prefix}*"):
-            client.delete(key)
+        clear_prefix(client, prefix)
     assert stack.returncode == 0, "".join(lines) + output

@@ -17,6 +17,7 @@ from supportsim.contract.messages import (
     new_id,
 )
 from supportsim.contract.protocol import slot_id
+from supportsim.contract.redis_keys import clear_prefix
 from supportsim.local.stack import SERVICES, ServiceSpec, Stack
 
 Say = Callable[[str], None]
@@ -109,11 +110,8 @@ def running_stack(
 
 def delete_keys(url: str, prefix: str) -> int:
     """Delete the Redis keys under `prefix` (a run's own, unique prefix); return how many."""
-    client = redis.Redis.from_url(url)
-    keys = list(client.scan_iter(f"{prefix}*", count=1000))
-    for start in range(0, len(keys), 500):
-        client.delete(*keys[start : start + 500])
-    return len(keys)
+    with redis.Redis.from_url(url) as client:
+        return clear_prefix(client, prefix)
 
 
 def supervise_for(

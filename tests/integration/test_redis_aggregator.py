@@ -21,7 +21,7 @@ import redis
 from quixstreams.sinks.base import SinkBackpressureError, SinkBatch
 
 from supportsim.contract.messages import new_id, now_ms
-from supportsim.contract.redis_keys import RedisKeys
+from supportsim.contract.redis_keys import RedisKeys, clear_prefix
 from supportsim.kafka.app import make_app
 from supportsim.local.processes import free_port, spawn, stop_process, wait_for_port
 from supportsim.settings import ServiceSettings
@@ -590,8 +590,7 @@ def test_kill_9_and_restart_then_a_replay_into_a_fresh_group_give_the_same_value
             restarted.stop()
         service.stop()
 
-    for key in redis_client.scan_iter(f"{prefix}*", count=1000):
-        redis_client.delete(key)
+    clear_prefix(redis_client, prefix)
     replay_env = {
         **aggregator_env,
         "CONSUMER_GROUP_PREFIX": f"{prefix}replay-",

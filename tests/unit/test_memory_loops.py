@@ -9,7 +9,7 @@ import pytest
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 
 from supportsim.bots.conversation import is_goodbye_turn
-from supportsim.bots.llm import LLMConfig, Reply, clean_reply
+from supportsim.bots.llm import Completion, LLMConfig, clean_reply
 from supportsim.bots.loops import (
     is_closing_line,
     is_goodbye,
@@ -519,7 +519,7 @@ class ScriptedLLM:
     def reply(self, messages, *, stop=(), labels=(), temperature=None, seed=None, **_):
         self.calls.append(temperature)
         self.prompts.append(messages)
-        return Reply(self.texts.pop(0), prompt_tokens=100, completion_tokens=10, latency_ms=5)
+        return Completion(self.texts.pop(0), prompt_tokens=100, completion_tokens=10, latency_ms=5)
 
 
 ECHO = "I understand that you want a refund for the laptop you bought from us last week."

@@ -14,7 +14,7 @@ from supportsim.bots.decisions import (
     decision_schema,
     parse_decision,
 )
-from supportsim.bots.llm import LLMConfig, Reply
+from supportsim.bots.llm import Completion, LLMConfig
 from supportsim.bots.prompts import Scenario
 from supportsim.bots.turns import LLMResponder, attempt_seed, generate_turn
 from supportsim.contract.protocol import slot_id
@@ -42,7 +42,7 @@ class JsonModel:
         self.schemas.append(schema)
         self.seeds.append(seed)
         self.prompts.append(messages)
-        return Reply(self.outputs.pop(0), prompt_tokens=50, completion_tokens=9, latency_ms=3)
+        return Completion(self.outputs.pop(0), prompt_tokens=50, completion_tokens=9, latency_ms=3)
 
 
 def customer_says(text: str, decision: str) -> str:
