@@ -63,36 +63,87 @@ class LLMConfig(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="LLM_", extra="ignore", frozen=True)
 
-    # llamacpp: a GGUF loaded in this process; openai: an OpenAI-compatible chat-completions server
-    backend: Backend = "llamacpp"
-    # the server's API root (openai backend), e.g. http://gpu-host:8000/v1
-    base_url: str = ""
-    api_key: SecretStr | None = None
-    # turns in flight per bot replica: worker processes (each llamacpp worker loads the model)
-    concurrency: int = Field(default=1, ge=1, le=64)
-    # RAM for saved llama.cpp states, one per conversation, least recently used evicted; 0: off
-    prompt_cache_mb: int = Field(default=256, ge=0)
-    # openai backend: attempts after a failed request (with backoff), and each request's time limit
-    request_retries: int = Field(default=4, ge=0, le=10)
-    request_timeout_s: float = Field(default=120.0, gt=0)
-    model: str = DEFAULT_MODEL
-    prompt_format: PromptFormat = "auto"
-    n_ctx: int = Field(default=2048, ge=256)
-    n_threads: int | None = Field(default=None, ge=1)
-    n_batch: int = Field(default=512, ge=8)
-    max_tokens: int = Field(default=128, ge=8)
-    temperature: float = Field(default=0.8, ge=0.0, le=2.0)
-    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
-    top_k: int = Field(default=40, ge=0)
-    repeat_penalty: float = Field(default=1.1, ge=1.0)
-    seed: int = -1
-    max_reply_chars: int = Field(default=800, ge=40, le=MAX_TEXT_CHARS)
-    context_margin: int = Field(default=16, ge=0)
-    # further attempts, each hotter, when a reply is empty or repeats an earlier line
-    retries: int = Field(default=2, ge=0, le=5)
-    # reply and decision (ends the chat? which remedy?) as schema-constrained JSON; off by
-    # default: the measured replies carry fewer facts and remedies (README, bench/quality.py)
-    structured: bool = False
+    backend: Backend = Field(
+        "llamacpp",
+        description="llamacpp (a GGUF model loaded in this process) or openai (an"
+        " OpenAI-compatible chat-completions server at LLM_BASE_URL).",
+    )
+    base_url: str = Field(
+        "",
+        description="API root of the model server for LLM_BACKEND=openai, e.g."
+        " http://gpu-host:8000/v1.",
+    )
+    api_key: SecretStr | None = Field(
+        None, description="API key of the model server (LLM_BACKEND=openai): a secret."
+    )
+    concurrency: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Turns in flight per replica, each in a worker process of its own (each"
+        " llamacpp worker loads the model); keep chat partitions >= replicas x this.",
+    )
+    prompt_cache_mb: int = Field(
+        default=256,
+        ge=0,
+        description="RAM (MB) per process for saved llama.cpp states, one per conversation, least"
+        " recently used evicted; 0 switches prompt reuse off.",
+    )
+    request_retries: int = Field(
+        default=4,
+        ge=0,
+        le=10,
+        description="openai backend: attempts after a failed request, with backoff.",
+    )
+    request_timeout_s: float = Field(
+        default=120.0, gt=0, description="openai backend: time limit (s) of one request."
+    )
+    model: str = Field(
+        DEFAULT_MODEL,
+        description="llamacpp: qwen2.5-1.5b, smollm2-135m, a .gguf path or hf:<repo>/<file>;"
+        " openai: the server's model name.",
+    )
+    prompt_format: PromptFormat = Field(
+        "auto",
+        description="auto (the GGUF's chat template; Llama-2 files detected), chat_template or"
+        " llama2.",
+    )
+    n_ctx: int = Field(default=2048, ge=256, description="Context window of the model (tokens).")
+    n_threads: int | None = Field(
+        default=None, ge=1, description="llama.cpp threads per bot process; unset: all cores."
+    )
+    n_batch: int = Field(default=512, ge=8, description="llama.cpp prompt batch size (tokens).")
+    max_tokens: int = Field(default=128, ge=8, description="Longest reply (tokens).")
+    temperature: float = Field(default=0.8, ge=0.0, le=2.0, description="Sampling temperature.")
+    top_p: float = Field(default=0.95, gt=0.0, le=1.0, description="Nucleus sampling threshold.")
+    top_k: int = Field(default=40, ge=0, description="Top-k sampling (0: off).")
+    repeat_penalty: float = Field(default=1.1, ge=1.0, description="Penalty on repeated tokens.")
+    seed: int = Field(-1, description="Sampling seed (-1: random).")
+    max_reply_chars: int = Field(
+        default=800,
+        ge=40,
+        le=MAX_TEXT_CHARS,
+        description="Longest reply kept (characters), cut at a sentence end where possible.",
+    )
+    context_margin: int = Field(
+        default=16,
+        ge=0,
+        description="Tokens of the context kept free besides the reply budget (LLM_MAX_TOKENS).",
+    )
+    retries: int = Field(
+        default=2,
+        ge=0,
+        le=5,
+        description="Further attempts, each hotter, when a reply is empty or repeats an earlier"
+        " line.",
+    )
+    # off by default: the measured replies carry fewer facts and remedies (README,
+    # bench/quality.py)
+    structured: bool = Field(
+        False,
+        description="true: each reply and its decision (end the chat? which remedy?) as"
+        " schema-constrained JSON; false: free text, ended by goodbye words.",
+    )
 
     @property
     def max_prompt_tokens(self) -> int:

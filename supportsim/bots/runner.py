@@ -39,15 +39,33 @@ STATE_KEY = "conversation"
 class BotSettings(ServiceSettings):
     """Settings of ai_customer, ai_support_agent and conversation_starter."""
 
-    bot_mode: Literal["llm", "scripted"] = "llm"
-    scenario: str = "electronics"
-    max_turns: int = 12
-    conversations: int = 4
-    seed_namespace: str = "supportsim"
-    scripted_think_time_s: float = 0.0
-    scripted_goodbye_after: int = 6
+    bot_mode: Literal["llm", "scripted"] = Field(
+        "llm", description="llm (the model of LLM_BACKEND) or scripted (templates, no model)."
+    )
+    scenario: str = Field(
+        "electronics",
+        description="Scenario: a folder under prompts/ (persona lists, prompts, greetings) or a"
+        " path.",
+    )
+    max_turns: int = Field(12, description="Turns after which a conversation ends.")
+    conversations: int = Field(
+        4, description="Concurrent conversations to keep going (seeded per chat partition)."
+    )
+    seed_namespace: str = Field(
+        "supportsim",
+        description="Namespace of the deterministic conversation ids the starter seeds.",
+    )
+    scripted_think_time_s: float = Field(0.0, description="Pause (s) before a scripted reply.")
+    scripted_goodbye_after: int = Field(
+        6, description="Turns after which a scripted bot says goodbye."
+    )
     # as the aggregator's: a conversation's state is forgotten this long after its last message
-    conversation_retention_s: int = Field(86_400, ge=1)
+    conversation_retention_s: int = Field(
+        86_400,
+        ge=1,
+        description="Seconds a conversation's state outlives its last message (as"
+        " redis_aggregator's).",
+    )
 
 
 def build_responder(settings: BotSettings, opening: Opening) -> Responder:

@@ -12,6 +12,7 @@ import logging
 import time
 
 from confluent_kafka import Message
+from pydantic import Field
 
 from supportsim.contract.messages import DeadLetter, ScoredMessage, dead_letter, parse_chat
 from supportsim.kafka.app import make_app
@@ -27,9 +28,15 @@ class SentimentSettings(ServiceSettings):
     """Settings of sentiment_analysis."""
 
     service_name: str = "sentiment_analysis"
-    sentiment_model: str = BUILTIN_SENTIMENT_MODEL
-    sentiment_batch_size: int = 32
-    sentiment_threads: int = 1
+    sentiment_model: str = Field(
+        BUILTIN_SENTIMENT_MODEL,
+        description="builtin (MiniLM fine-tuned on the shipped dataset), a local model folder or"
+        " a Hugging Face model id.",
+    )
+    sentiment_batch_size: int = Field(32, description="Largest batch of messages scored at once.")
+    sentiment_threads: int = Field(
+        1, description="CPU threads of the sentiment model (leave cores to the bots)."
+    )
 
 
 def score_records(records: list[Message], scorer, topics: Topics, service: str) -> list[Output]:

@@ -32,11 +32,23 @@ class DatasetSettings(ServiceSettings):
     """Settings of the dataset_sink service."""
 
     service_name: str = "dataset_sink"
-    dataset_dir: str | None = None
-    # count conversations that ended in `error` or `loop` as complete
-    dataset_include_failed_endings: bool = False
+    dataset_dir: str | None = Field(
+        None,
+        description="Folder the finished conversations are appended to (JSON Lines); unset: the"
+        " sink does not run.",
+    )
+    dataset_include_failed_endings: bool = Field(
+        False,
+        description="true: conversations that ended in error or loop count as complete"
+        " (default: incomplete).",
+    )
     # as the aggregator's: a conversation's rows or written-marker outlive its last message by this
-    conversation_retention_s: int = Field(86_400, ge=1)
+    conversation_retention_s: int = Field(
+        86_400,
+        ge=1,
+        description="Seconds a conversation's state outlives its last message (as"
+        " redis_aggregator's).",
+    )
 
 
 def dataset_sink_enabled(env: dict[str, str]) -> str | None:

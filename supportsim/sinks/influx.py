@@ -66,15 +66,33 @@ class HistorySettings(ServiceSettings):
     """Settings of the InfluxDB sink. The token is a secret: never logged, no default."""
 
     service_name: str = "influx_sink"
-    influxdb_host: str | None = None
-    influxdb_database: str | None = None
-    influxdb_token: SecretStr | None = None
-    influxdb_org: str = ""  # InfluxDB 3 ignores it; the client requires one
-    influxdb_measurement: str = "chat_messages"
-    influxdb_batch_size: int = Field(1000, ge=1)
-    influxdb_timeout_ms: int = Field(10_000, ge=100)
-    influxdb_retry_max_s: float = Field(30.0, gt=0)
-    influxdb_verify_ssl: bool = True
+    influxdb_host: str | None = Field(
+        None,
+        description="InfluxDB 3 URL, e.g. https://<region>.aws.cloud2.influxdata.com; the sink"
+        " runs only when host, database and token are set.",
+    )
+    influxdb_database: str | None = Field(
+        None, description="InfluxDB database (created on the first write)."
+    )
+    influxdb_token: SecretStr | None = Field(
+        None, description="InfluxDB token with write access to the database: a secret."
+    )
+    influxdb_org: str = Field(
+        "", description="Organisation: InfluxDB 3 ignores it, the client requires one."
+    )
+    influxdb_measurement: str = Field(
+        "chat_messages", description="Measurement the scored messages are written to."
+    )
+    influxdb_batch_size: int = Field(1000, ge=1, description="Points written per request.")
+    influxdb_timeout_ms: int = Field(
+        10_000, ge=100, description="Time limit (ms) of one write request."
+    )
+    influxdb_retry_max_s: float = Field(
+        30.0, gt=0, description="Longest pause (s) between retries while InfluxDB fails."
+    )
+    influxdb_verify_ssl: bool = Field(
+        True, description="Verify the TLS certificate of the InfluxDB server."
+    )
 
 
 def influx_configured(env: dict[str, str]) -> str | None:

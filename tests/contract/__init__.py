@@ -69,11 +69,6 @@ class SettingsField:
         """Declared as a SecretStr: a credential, or a value that may carry one."""
         return "SecretStr" in self.annotation
 
-    @property
-    def optional(self) -> bool:
-        """Default None: the code runs without it."""
-        return self.has_default and self.default is None
-
 
 NOT_LITERAL = object()
 

@@ -2,9 +2,10 @@
 
 For every service: the files its main.py reaches (followed through `supportsim` by AST) are COPYed
 into the image and not excluded by .dockerignore; every third-party module those files import is
-installed by the image's pip lines (with their dependencies, as this virtualenv resolves them); the
-pins are those of pyproject.toml; the image is slim, non-root, compiler-free, with a healthcheck.
-The healthcheck script itself runs for real against local sockets.
+installed by the image's pip lines (with their dependencies, as this virtualenv resolves them);
+the image is slim, non-root, compiler-free, with a healthcheck. That every pip line installs under
+docker/constraints.txt and pins nothing itself is checked in test_app_yaml_rendered.py. The
+healthcheck script itself runs for real against local sockets.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import socket
 import subprocess
 import sys
 import threading
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -132,23 +132,6 @@ def apt_packages(stage: Stage) -> set[str]:
         if "apt-get" in words and "install" in words:
             packages |= {w for w in words[words.index("install") + 1 :] if not w.startswith("-")}
     return packages
-
-
-def normalized(requirement: str) -> str:
-    """A requirement in one spelling: canonical name, sorted extras and specifiers."""
-    parsed = Requirement(requirement)
-    extras = f"[{','.join(sorted(parsed.extras))}]" if parsed.extras else ""
-    specifiers = ",".join(sorted(str(s) for s in parsed.specifier))
-    return f"{canonicalize_name(parsed.name)}{extras}{specifiers}"
-
-
-def pyproject_requirements() -> dict[str, str]:
-    """Every requirement of pyproject.toml (core and extras), normalized -> where it is."""
-    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
-    found = {normalized(r): "dependencies" for r in project["dependencies"]}
-    for extra, requirements in project["optional-dependencies"].items():
-        found.update({normalized(r): f"extra {extra!r}" for r in requirements})
-    return found
 
 
 def image_requirements(service: str) -> list[str]:
@@ -349,19 +332,6 @@ def test_image_installs_every_third_party_module_the_service_imports(service):
     assert not missing_here, f"cannot resolve {sorted(missing_here)} in this virtualenv"
 
 
-@pytest.mark.parametrize("service", SERVICES)
-def test_pins_are_those_of_pyproject(service):
-    known = pyproject_requirements()
-    dockerfile = service_dockerfile(service)
-    for stage in dockerfile.stages:
-        for requirements, _ in pip_installs(stage):
-            for requirement in requirements:
-                if stage is dockerfile.final or "torch" in requirement:
-                    assert normalized(requirement) in known, (
-                        f"{service}: {requirement!r} is not a requirement of pyproject.toml"
-                    )
-
-
 @pytest.mark.parametrize("service", LIGHT_SERVICES)
 def test_light_images_carry_no_torch_or_llama(service):
     names = {canonicalize_name(Requirement(r).name) for r in image_requirements(service)}
@@ -409,7 +379,7 @@ print("seeded", message.model)
     assert "seeded" in result.stdout
 
 
-def test_torch_is_the_pinned_cpu_wheel():
+def test_torch_is_the_cpu_wheel():
     installs_torch = []
     for service in SERVICES:
         for stage in service_dockerfile(service).stages:
@@ -419,7 +389,6 @@ def test_torch_is_the_pinned_cpu_wheel():
                 ]
                 if torch:
                     installs_torch.append(service)
-                    assert torch == ["torch==2.13.0"], f"{service}: {torch}"
                     assert options.get("--index-url") == TORCH_INDEX, (
                         f"{service}: torch must come from {TORCH_INDEX} alone"
                     )
@@ -470,8 +439,7 @@ def test_bot_image_builds_llama_in_a_stage_and_bakes_in_the_verified_model():
     stages = {s.name: s for s in dockerfile.stages}
     wheel = " ".join(" ".join(w) for w in run_segments(stages["llama-wheel"]))
     assert "CMAKE_ARGS=-DGGML_NATIVE=OFF pip wheel" in wheel
-    pinned = [r for r in pyproject_requirements() if r.startswith("llama-cpp-python")]
-    assert pinned and normalized(wheel.split()[-1]) == pinned[0]
+    assert wheel.split()[-1] == "llama-cpp-python", "the version is docker/constraints.txt's"
     copies = {i.flags.get("from") for i in dockerfile.final.all("COPY")}
     assert {"llama-wheel", "model"} <= copies
     model = stages["model"]

@@ -6,8 +6,9 @@ reach with LLM_BACKEND=openai. These tests check that the server is pinned, rese
 Compose Specification way, listens where the bots' default LLM_BASE_URL points and takes its API key
 from LLM_API_KEY; that the bots carry every LLM_ variable of the model backends with the code's
 defaults and depend on nothing of the profile; that LLM_API_KEY has no value in any deployment
-file; that quix.yaml and the bots' app.yaml declare the variables; and that docs/deploy.md gives
-the command and the defaults. Each check returns its problems, and the last tests feed the checks
+file; that quix.yaml's bot deployments keep the backend defaults of their app.yaml (rendered from
+the settings, see test_app_yaml_rendered.py); and that docs/deploy.md gives the command and the
+defaults. Each check returns its problems, and the last tests feed the checks
 broken copies, so a check that cannot fail is caught too. Where the Compose plugin or Debian's
 docker-compose is installed, it resolves the file with and without the profile.
 """
@@ -232,27 +233,6 @@ def _secret_problems(where: str, variable: dict) -> list[str]:
     return problems
 
 
-def app_yaml_problems(service: str, app: dict) -> list[str]:
-    """A bot's app.yaml declares every backend variable, the key as a Secret, the rest with the
-    code's default."""
-    declared = {v["name"]: v for v in app.get("variables", [])}
-    problems = []
-    for name in BACKEND_VARIABLES:
-        variable = declared.get(name)
-        if variable is None:
-            problems.append(f"{service}/app.yaml does not declare {name}")
-        elif name == SECRET:
-            problems.extend(_secret_problems(f"{service}/app.yaml", variable))
-        elif variable.get("inputType") != "FreeText":
-            problems.append(f"{service}/app.yaml: {name} should be FreeText")
-        elif str(variable.get("defaultValue")) != quix_text(code_default(name, service)):
-            problems.append(
-                f"{service}/app.yaml: {name} defaults to {variable.get('defaultValue')!r}, "
-                f"the code to {code_default(name, service)!r}"
-            )
-    return problems
-
-
 def quix_deployment_problems(quix: dict) -> list[str]:
     """The bots' deployments inherit the backend variables from app.yaml (descriptor 2.0): an
     override may not change a default to another backend or give the key a value."""
@@ -446,11 +426,6 @@ def test_llm_api_key_has_no_default_in_any_deployment_file():
     assert KEY_REFERENCE.search(compose_text()), "docker-compose.yml no longer passes LLM_API_KEY"
 
 
-@pytest.mark.parametrize("bot", BOTS)
-def test_bots_app_yaml_declare_the_backend_variables(bot):
-    assert not app_yaml_problems(bot, app_yaml(bot)), app_yaml_problems(bot, app_yaml(bot))
-
-
 def test_quix_bot_deployments_list_the_backend_variables_and_the_key_secret():
     assert not quix_deployment_problems(quix_yaml()), quix_deployment_problems(quix_yaml())
 
@@ -561,13 +536,7 @@ def test_api_key_check_catches_a_default_anywhere():
     assert api_key_problems(text, raw, quix, broken_apps)
 
 
-def test_declaration_checks_catch_missing_and_wrong_variables():
-    app = copy.deepcopy(app_yaml("ai_customer"))
-    app["variables"] = [v for v in app["variables"] if v["name"] != "LLM_CONCURRENCY"]
-    for variable in app["variables"]:
-        if variable["name"] == "LLM_PROMPT_CACHE_MB":
-            variable["defaultValue"] = "512"
-    assert len(app_yaml_problems("ai_customer", app)) == 2
+def test_deployment_check_catches_another_backend_and_a_valued_key():
     quix = copy.deepcopy(quix_yaml())
     assert not quix_deployment_problems(quix)
     for deployment in quix["deployments"]:
