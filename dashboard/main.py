@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout too
 
+from supportsim.contract.live_view import Conversation
 from supportsim.live.frames import role_sentiment
 from supportsim.live.store import DashboardSettings, DashboardStore, Snapshot
 from supportsim.live.views import (
@@ -108,7 +109,9 @@ def load_snapshot(redis_url: str, prefix: str, max_ended: int) -> Snapshot:
 
 
 @st.cache_data(ttl=CACHE_TTL_S, show_spinner=False, max_entries=64)
-def load_conversation(redis_url: str, prefix: str, max_ended: int, conversation_id: str):
+def load_conversation(
+    redis_url: str, prefix: str, max_ended: int, conversation_id: str
+) -> Conversation | None:
     """One conversation's document (None when missing)."""
     return get_store(redis_url, prefix, max_ended).conversation(conversation_id)
 
@@ -116,7 +119,7 @@ def load_conversation(redis_url: str, prefix: str, max_ended: int, conversation_
 @st.cache_data(ttl=CACHE_TTL_S, show_spinner=False, max_entries=64)
 def load_conversations(
     redis_url: str, prefix: str, max_ended: int, conversation_ids: tuple[str, ...]
-) -> dict:
+) -> dict[str, Conversation]:
     """The documents of the wall's conversations, by id, in one round trip."""
     return get_store(redis_url, prefix, max_ended).conversations(conversation_ids)
 
@@ -146,7 +149,12 @@ def show_pipeline_warning(figures: Headline) -> None:
     )
 
 
-def show_headline(figures: Headline, series: pd.DataFrame) -> None:
+def bucket_text(bucket_ms: int) -> str:
+    """A series bucket's length as the labels say it: "10 s"."""
+    return f"{bucket_ms / 1000:g} s"
+
+
+def show_headline(figures: Headline, series: pd.DataFrame, bucket_ms: int) -> None:
     """The headline metrics in one row, customer sentiment first, with pipeline health."""
     recent = series.tail(30)
 
@@ -162,7 +170,8 @@ def show_headline(figures: Headline, series: pd.DataFrame) -> None:
             "Customer sentiment",
             signed(figures.customer_now),
             help="Customers only: the mean of each active conversation's latest customer "
-            "message, from -1 (negative) to +1. The sparkline is customer messages per 10 s.",
+            "message, from -1 (negative) to +1. The sparkline is customer messages per "
+            f"{bucket_text(bucket_ms)}.",
             chart_data=recent["customer_sentiment_avg"].dropna().tolist() or None,
             border=True,
             height="stretch",
@@ -175,7 +184,7 @@ def show_headline(figures: Headline, series: pd.DataFrame) -> None:
             "Messages the bots wrote in the last minute (chat topic, by message time), "
             "scored or not."
             if figures.rates_from_chat
-            else "Scored messages in the last minute of 10-second buckets."
+            else f"Scored messages in the last minute of {bucket_text(bucket_ms)} buckets."
         ),
         chart_data=recent["chat_messages" if figures.rates_from_chat else "messages"].tolist()
         or None,
@@ -302,14 +311,18 @@ def show_wall(snapshot: Snapshot) -> None:
                 show_tile(wall_tile(documents[cid]), slot)
 
 
-def sentiment_over_time(series: pd.DataFrame) -> alt.LayerChart:
-    """Customer sentiment per 10-second bucket (bold line), the agents' (thin), over volume."""
+def sentiment_over_time(series: pd.DataFrame, bucket_ms: int) -> alt.LayerChart:
+    """Customer sentiment per bucket (bold line), the agents' (thin), over volume."""
     base = alt.Chart(series).encode(
         alt.X("time:T", title="UTC", scale=alt.Scale(type="utc"), axis=alt.Axis(format="%H:%M"))
     )
     volume = "chat_messages" if series["chat_messages"].sum() > 0 else "messages"
     bars = base.mark_bar(opacity=0.25, color="#888").encode(
-        alt.Y(f"{volume}:Q", title="Messages per 10 s", axis=alt.Axis(orient="right"))
+        alt.Y(
+            f"{volume}:Q",
+            title=f"Messages per {bucket_text(bucket_ms)}",
+            axis=alt.Axis(orient="right"),
+        )
     )
     long = series.melt(
         id_vars=["time"],
@@ -403,7 +416,9 @@ def show_fleet(snapshot: Snapshot) -> None:
         if snapshot.series.empty:
             st.caption("No sentiment series yet.")
         else:
-            st.altair_chart(sentiment_over_time(snapshot.series), width="stretch")
+            st.altair_chart(
+                sentiment_over_time(snapshot.series, snapshot.bucket_ms), width="stretch"
+            )
     for column, by, title in ((middle, "mood", "By mood"), (right, "product", "By product")):
         with column:
             st.subheader(title, help="Average sentiment of customer messages.")
@@ -490,18 +505,16 @@ def show_transcript(conversation_id: str) -> None:
         st.warning("This conversation is no longer in Redis.")
         return
     messages = transcript(document)
-    customer = document.get("customer") if isinstance(document.get("customer"), dict) else {}
-    agent = document.get("agent") if isinstance(document.get("agent"), dict) else {}
+    customer, agent = document.customer, document.agent
     st.markdown(
         "**Customer** "
         + escape_markdown(
-            f"{customer.get('name', '?')}, {customer.get('mood', '?')}, "
-            f"about their {customer.get('product', '?')}"
+            f"{customer.name or '?'}, {customer.mood or '?'}, about their {customer.product or '?'}"
         )
         + " · **Agent** "
-        + escape_markdown(f"{agent.get('name', '?')} ({document.get('model', '?')})")
+        + escape_markdown(f"{agent.name or '?'} ({document.model or '?'})")
     )
-    card = document.get("card") if isinstance(document.get("card"), dict) else {}
+    card = document.card or {}
     if card:
         facts = []
         for key, value in card.items():
@@ -514,8 +527,7 @@ def show_transcript(conversation_id: str) -> None:
     with figures:
         finish = ending(document)
         st.metric("Status", f"ended: {finish}" if finish else "active")
-        turns = document.get("messages")
-        st.metric("Turns so far", turns if isinstance(turns, int) else len(messages))
+        st.metric("Turns so far", document.messages or len(messages))
         first, now = role_sentiment(document, "customer")
         st.metric(
             "Customer now",
@@ -527,9 +539,8 @@ def show_transcript(conversation_id: str) -> None:
     with chart:
         if not trend.empty:
             st.altair_chart(conversation_trend(trend), width="stretch")
-    turns = document.get("messages")
-    if isinstance(turns, int) and turns > len(messages):
-        st.caption(f"Showing the last {len(messages)} of {turns} messages.")
+    if document.messages > len(messages):
+        st.caption(f"Showing the last {len(messages)} of {document.messages} messages.")
     if not messages:
         st.caption("No messages stored yet.")
     with st.container(height=560 if len(messages) > 4 else "content", border=True):
@@ -562,7 +573,7 @@ def live_view() -> None:
         return
     figures = headline(snapshot)
     show_pipeline_warning(figures)
-    show_headline(figures, snapshot.series)
+    show_headline(figures, snapshot.series, snapshot.bucket_ms)
     show_wall(snapshot)
     show_fleet(snapshot)
     selected = show_conversations(snapshot)

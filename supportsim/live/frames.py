@@ -1,58 +1,19 @@
-"""Dashboard rows and frames from the Redis documents, tolerant of missing or odd values."""
+"""Dashboard rows and frames from the Redis documents.
+
+The documents come as the models of :mod:`supportsim.contract.live_view`, which already turned
+missing or odd values into defaults; here they become table rows and data frames.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
 import pandas as pd
 
-
-def parse_json(raw: str | bytes | None) -> Any:
-    """Decode a JSON value; None when missing or malformed."""
-    if raw is None:
-        return None
-    try:
-        return orjson.loads(raw)  # a few times faster than json on a thousand documents
-    except (ValueError, TypeError):
-        return None
-
-
-def as_number(value: Any) -> float | None:
-    """A finite float, or None for anything else (bools, strings, NaN, missing)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    number = float(value)
-    return number if math.isfinite(number) else None
-
-
-def as_int(value: Any, default: int = 0) -> int:
-    """An int from a number, else `default`."""
-    number = as_number(value)
-    return int(number) if number is not None else default
-
-
-def as_text(value: Any, default: str = "") -> str:
-    """A string from a scalar, else `default` (never a dict or list repr)."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return str(value)
-    return default
-
-
-def as_dict(value: Any) -> dict[str, Any]:
-    """The value when it is a dict, else an empty dict."""
-    return value if isinstance(value, dict) else {}
-
-
-def as_list(value: Any) -> list[Any]:
-    """The value when it is a list, else an empty list."""
-    return value if isinstance(value, list) else []
-
+from supportsim.contract.live_view import Conversation, Pipeline, SeriesPoint
 
 STATUSES = ("active", "ended")
 
@@ -103,74 +64,82 @@ SERIES_COLUMNS = [
 ]
 
 
-def ms_to_datetime(value: Any) -> datetime | None:
+def ms_to_datetime(value: float | None) -> datetime | None:
     """UTC datetime from epoch milliseconds; None when not a plausible timestamp."""
-    number = as_number(value)
-    if number is None or number <= 0:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if not math.isfinite(value) or value <= 0:
         return None
     try:
-        return datetime.fromtimestamp(number / 1000, tz=UTC)
+        return datetime.fromtimestamp(value / 1000, tz=UTC)
     except (OverflowError, OSError, ValueError):
         return None
 
 
-def role_sentiment(conversation: Mapping[str, Any], role: str) -> tuple[float | None, float | None]:
+def role_sentiment(conversation: Conversation, role: str) -> tuple[float | None, float | None]:
     """(first, latest) sentiment score of one role's messages in a conversation.
 
     From the aggregator's per-role totals (`roles`) when present, else from `sentiments`.
     """
-    totals = as_dict(as_dict(conversation.get("roles")).get(role))
-    first, last = as_number(totals.get("sentiment_first")), as_number(totals.get("sentiment_last"))
-    if first is not None or last is not None:
-        return first, last
+    totals = conversation.roles.get(role)
+    if totals is not None and (
+        totals.sentiment_first is not None or totals.sentiment_last is not None
+    ):
+        return totals.sentiment_first, totals.sentiment_last
     scores = [
-        score
-        for item in as_list(conversation.get("sentiments"))
-        if as_dict(item).get("role") == role
-        and (score := as_number(as_dict(item).get("score"))) is not None
+        point.score
+        for point in conversation.sentiments
+        if point.role == role and point.score is not None
     ]
     return (scores[0], scores[-1]) if scores else (None, None)
 
 
-def card_summary(conversation: Mapping[str, Any]) -> tuple[str, str]:
+def card_text(conversation: Conversation, name: str) -> str:
+    """One text entry of the conversation's scenario card ("" without a card or that entry).
+
+    The card is free-form (the bots' scenario card), so its entries are checked here.
+    """
+    value = (conversation.card or {}).get(name)
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    return ""
+
+
+def card_summary(conversation: Conversation) -> tuple[str, str]:
     """(what the customer wants, scenario) from the conversation's scenario card; "" if none."""
-    card = as_dict(conversation.get("card"))
-    return as_text(card.get("wants")), as_text(card.get("scenario"))
+    return card_text(conversation, "wants"), card_text(conversation, "scenario")
 
 
-def summarize(conversation: Mapping[str, Any], status: str | None = None) -> dict[str, Any]:
+def summarize(conversation: Conversation, status: str | None = None) -> dict[str, Any]:
     """One table row from a conversation document; `status` is the set it was listed in."""
-    customer = as_dict(conversation.get("customer"))
-    agent = as_dict(conversation.get("agent"))
-    scores = [
-        score
-        for item in as_list(conversation.get("sentiments"))
-        if (score := as_number(as_dict(item).get("score"))) is not None
-    ]
-    started = as_number(conversation.get("started_ms"))
-    ended = as_number(conversation.get("ended_ms"))
-    updated = as_number(conversation.get("updated_ms"))
+    customer = conversation.customer
+    scores = [point.score for point in conversation.sentiments if point.score is not None]
+    started = conversation.started_ms
+    ended = conversation.ended_ms
+    updated = conversation.updated_ms
     finish = ended if ended is not None else updated
-    listed_status = status or as_text(conversation.get("status"), "active")
+    listed_status = status or conversation.status
     customer_first, customer_now = role_sentiment(conversation, "customer")
     return {
-        "conversation_id": as_text(conversation.get("conversation_id")),
+        "conversation_id": conversation.conversation_id,
         "status": listed_status if listed_status in STATUSES else "active",
-        "customer": as_text(customer.get("name")),
-        "mood": as_text(customer.get("mood")),
-        "product": as_text(customer.get("product")),
-        "agent": as_text(agent.get("name")),
-        "model": as_text(conversation.get("model")),
-        "turns": as_int(conversation.get("messages"), len(scores)),
+        "customer": customer.name,
+        "mood": customer.mood,
+        "product": customer.product,
+        "agent": conversation.agent.name,
+        "model": conversation.model,
+        "turns": conversation.messages or len(scores),
         "customer_first": customer_first,
         "customer_now": customer_now,
         "agent_now": role_sentiment(conversation, "agent")[1],
-        "sentiment_avg": as_number(conversation.get("sentiment_avg")),
-        "sentiment_last": as_number(conversation.get("sentiment_last")),
+        "sentiment_avg": conversation.sentiment_avg,
+        "sentiment_last": conversation.sentiment_last,
         "sentiment_trend": scores[-TREND_POINTS:],
-        "end_reason": as_text(conversation.get("end_reason")) or None,
-        "outcome": as_text(conversation.get("outcome")) or None,
-        "wants": card_summary(conversation)[0],
+        "end_reason": conversation.end_reason or None,
+        "outcome": conversation.outcome or None,
+        "wants": card_text(conversation, "wants"),
         "started": ms_to_datetime(started),
         "updated": ms_to_datetime(updated),
         "ended": ms_to_datetime(ended),
@@ -179,9 +148,9 @@ def summarize(conversation: Mapping[str, Any], status: str | None = None) -> dic
             if started is not None and finish is not None and finish >= started
             else None
         ),
-        "prompt_tokens": as_int(conversation.get("prompt_tokens")),
-        "completion_tokens": as_int(conversation.get("completion_tokens")),
-        "latency_ms_avg": as_number(conversation.get("latency_ms_avg")),
+        "prompt_tokens": conversation.prompt_tokens,
+        "completion_tokens": conversation.completion_tokens,
+        "latency_ms_avg": conversation.latency_ms_avg,
     }
 
 
@@ -198,40 +167,38 @@ def conversation_frame(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     return frame
 
 
-def series_frame(series: Any, pipeline: Any = None) -> pd.DataFrame:
-    """The fleet's sentiment series as a table, oldest bucket first; bad entries skipped.
+def series_frame(series: Sequence[SeriesPoint], pipeline: Pipeline | None = None) -> pd.DataFrame:
+    """The fleet's sentiment series as a table, oldest bucket first; implausible times skipped.
 
     The chat and dead-letter counts of `pipeline`'s series join it by bucket (a bucket with
     chat messages and none scored yet is a row too).
     """
     rows = []
     counted: dict[int, dict[str, int]] = {}
-    for item in as_list(as_dict(pipeline).get("series")):
-        bucket = as_dict(item)
-        start = as_number(bucket.get("bucket_ms"))
-        if ms_to_datetime(start) is not None:
-            counted[int(start)] = {
-                name: as_int(bucket.get(name))
-                for name in ("chat_messages", "chat_completion_tokens", "dead_letters")
+    for bucket in pipeline.series if pipeline is not None else ():
+        if ms_to_datetime(bucket.bucket_ms) is not None:
+            counted[bucket.bucket_ms] = {
+                "chat_messages": bucket.chat_messages,
+                "chat_completion_tokens": bucket.chat_completion_tokens,
+                "dead_letters": bucket.dead_letters,
             }
-    for item in as_list(series):
-        bucket = as_dict(item)
-        start = as_number(bucket.get("bucket_ms"))
+    for bucket in series:
+        start = bucket.bucket_ms
         when = ms_to_datetime(start)
         if when is None:
             continue
         rows.append(
             {
                 "time": when,
-                "bucket_ms": int(start),
-                "messages": as_int(bucket.get("messages")),
-                "sentiment_avg": as_number(bucket.get("sentiment_avg")),
-                "completion_tokens": as_int(bucket.get("completion_tokens")),
-                "customer_messages": as_int(bucket.get("customer_messages")),
-                "customer_sentiment_avg": as_number(bucket.get("customer_sentiment_avg")),
-                "agent_sentiment_avg": as_number(bucket.get("agent_sentiment_avg")),
+                "bucket_ms": start,
+                "messages": bucket.messages,
+                "sentiment_avg": bucket.sentiment_avg,
+                "completion_tokens": bucket.completion_tokens,
+                "customer_messages": bucket.customer_messages,
+                "customer_sentiment_avg": bucket.customer_sentiment_avg,
+                "agent_sentiment_avg": bucket.agent_sentiment_avg,
                 **counted.pop(
-                    int(start),
+                    start,
                     {"chat_messages": 0, "chat_completion_tokens": 0, "dead_letters": 0},
                 ),
             }

@@ -1,9 +1,15 @@
-"""The dashboard's reads from Redis: settings, tolerant parsing and consistent snapshots."""
+"""The dashboard's reads from Redis: settings and consistent snapshots.
+
+Every value is read into its model of :mod:`supportsim.contract.live_view`, which is tolerant of
+missing fields and odd values; a value that is not a JSON object at all is counted as unreadable.
+"""
 
 from __future__ import annotations
 
+import gc
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,17 +19,17 @@ from pydantic import Field
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from supportsim.contract.live_view import (
+    DEFAULT_BUCKET_MS,
+    Conversation,
+    Fleet,
+    Pipeline,
+    read,
+    read_series,
+)
 from supportsim.contract.messages import now_ms
 from supportsim.contract.redis_keys import RedisKeys
-from supportsim.live.frames import (
-    as_dict,
-    as_int,
-    as_number,
-    conversation_frame,
-    parse_json,
-    series_frame,
-    summarize,
-)
+from supportsim.live.frames import conversation_frame, series_frame, summarize
 from supportsim.settings import RedisSettings
 
 MGET_CHUNK = 500  # keys per MGET; all chunks go in one pipelined round trip
@@ -32,13 +38,27 @@ MGET_CHUNK = 500  # keys per MGET; all chunks go in one pipelined round trip
 class DashboardSettings(RedisSettings):
     """Dashboard configuration from the environment (`DASHBOARD_REFRESH_S`, ...)."""
 
-    dashboard_refresh_s: float = Field(2.0, ge=0)  # 0 turns live refresh off
-    dashboard_max_ended: int = Field(1000, ge=0)  # finished conversations listed, newest first
-    dashboard_port: int | None = Field(None, ge=1, le=65535)  # None: the launcher picks a free one
-    dashboard_address: str = "127.0.0.1"
-    dashboard_wall_size: int = Field(4, ge=0, le=12)  # conversations on the live wall; 0 hides it
-    # seconds (of message time) an ended conversation stays on the wall before it is replaced
-    dashboard_wall_linger_s: float = Field(30.0, ge=0)
+    dashboard_refresh_s: float = Field(
+        2.0, ge=0, description="Seconds between live refreshes (0: off)."
+    )
+    dashboard_max_ended: int = Field(
+        1000, ge=0, description="Finished conversations listed, newest first."
+    )
+    dashboard_port: int | None = Field(
+        None, ge=1, le=65535, description="Port under `supportsim up`; unset: a free one."
+    )
+    dashboard_address: str = Field(
+        "127.0.0.1", description="Address the dashboard listens on under `supportsim up`."
+    )
+    dashboard_wall_size: int = Field(
+        4, ge=0, le=12, description="Conversations on the live wall (0 hides it)."
+    )
+    dashboard_wall_linger_s: float = Field(
+        30.0,
+        ge=0,
+        description="Seconds (of message time) an ended conversation stays on the wall before it"
+        " is replaced.",
+    )
 
 
 @dataclass
@@ -46,13 +66,13 @@ class Snapshot:
     """Everything one dashboard render needs, read in a handful of round trips."""
 
     conversations: pd.DataFrame
-    fleet: dict[str, Any]
+    fleet: Fleet  # empty (`messages` None) when the key is missing or malformed
     series: pd.DataFrame
     active_total: int
     ended_total: int
     unreadable: int  # listed conversations whose document is not valid JSON
     taken_ms: int
-    pipeline: dict[str, Any] = field(default_factory=dict)  # the `pipeline` key (chat counts)
+    pipeline: Pipeline = field(default_factory=Pipeline)  # the `pipeline` key (chat counts)
 
     @property
     def empty(self) -> bool:
@@ -61,9 +81,14 @@ class Snapshot:
             self.conversations.empty
             and self.active_total == 0
             and self.ended_total == 0
-            and as_int(self.fleet.get("started")) == 0
-            and as_int(self.fleet.get("messages")) == 0
+            and self.fleet.started == 0
+            and not self.fleet.messages
         )
+
+    @property
+    def bucket_ms(self) -> int:
+        """The series' bucket size as the aggregator wrote it; 10 s when it does not say."""
+        return self.pipeline.series_bucket_ms or self.fleet.series_bucket_ms or DEFAULT_BUCKET_MS
 
 
 @dataclass
@@ -102,14 +127,18 @@ class DashboardStore:
         )
         return cls(client, RedisKeys(settings.redis_key_prefix), settings.dashboard_max_ended)
 
-    def conversation(self, conversation_id: str) -> dict[str, Any] | None:
+    def conversation(self, conversation_id: str) -> Conversation | None:
         """One conversation's document, or None when missing or malformed."""
-        document = parse_json(self.client.get(self.keys.conversation(conversation_id)))
-        return document if isinstance(document, dict) else None
+        return read(Conversation, self.client.get(self.keys.conversation(conversation_id)))
 
-    def conversations(self, conversation_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+    def conversations(self, conversation_ids: Sequence[str]) -> dict[str, Conversation]:
         """Documents of several conversations by id, in one round trip (missing ones left out)."""
-        return self._fetch(list(conversation_ids))[0]
+        with _collection_paused():
+            return {
+                cid: document
+                for cid, document in self._fetch(list(conversation_ids))
+                if document is not None
+            }
 
     def snapshot(self) -> Snapshot:
         """Fleet, series and every listed conversation's row (active first, newest first)."""
@@ -125,7 +154,7 @@ class DashboardStore:
         active, *rest = replies
         ended = rest.pop(0) if self.max_ended else []
         ended_total, fleet_raw, series_raw, pipeline_raw = rest
-        pipeline = as_dict(parse_json(pipeline_raw) if isinstance(pipeline_raw, str) else None)
+        pipeline = read(Pipeline, _text(pipeline_raw)) or Pipeline()
         listed: dict[str, tuple[str, float]] = {}
         for status, members in (("active", active), ("ended", ended)):
             if isinstance(members, list):
@@ -135,10 +164,8 @@ class DashboardStore:
         missing_ended = sum(1 for cid in missing if listed[cid][0] == "ended")
         return Snapshot(
             conversations=conversation_frame(rows),
-            fleet=as_dict(parse_json(fleet_raw) if isinstance(fleet_raw, str) else None),
-            series=series_frame(
-                parse_json(series_raw) if isinstance(series_raw, str) else None, pipeline
-            ),
+            fleet=read(Fleet, _text(fleet_raw)) or Fleet(),
+            series=series_frame(read_series(_text(series_raw)), pipeline),
             active_total=sum(
                 1
                 for cid, (status, _) in listed.items()
@@ -162,17 +189,25 @@ class DashboardStore:
                 for cid, version in listed.items()
                 if (cached := self._rows.get(cid)) is None or cached.version != version
             ]
-            fresh, malformed = self._fetch(stale)
-            missing = set(stale) - fresh.keys() - malformed
-            rows_by_id: dict[str, dict] = {}
-            for cid, version in listed.items():
-                if cid in fresh:
-                    document = fresh[cid]
+            fresh: dict[str, dict[str, Any]] = {}
+            malformed: set[str] = set()
+            # each document becomes its row at once: only the rows outlive the loop
+            with _collection_paused():
+                for cid, document in self._fetch(stale):
+                    if document is None:
+                        malformed.add(cid)
+                        continue
+                    version = listed[cid]
                     row = summarize(document, version[0])
                     row["conversation_id"] = cid
                     if _consistent(document, version):
                         self._rows[cid] = _Cached(version, row)
-                    rows_by_id[cid] = row
+                    fresh[cid] = row
+            missing = set(stale) - fresh.keys() - malformed
+            rows_by_id: dict[str, dict[str, Any]] = {}
+            for cid in listed:
+                if cid in fresh:
+                    rows_by_id[cid] = fresh[cid]
                 elif cid in self._rows and cid not in stale:
                     rows_by_id[cid] = self._rows[cid].row
         order = sorted(
@@ -181,35 +216,50 @@ class DashboardStore:
         )
         return [rows_by_id[cid] for cid in order], missing, len(malformed)
 
-    def _fetch(self, conversation_ids: list[str]) -> tuple[dict[str, dict], set[str]]:
-        """Documents by id (pipelined MGETs in chunks), and the ids whose value is not JSON."""
-        documents: dict[str, dict] = {}
-        malformed: set[str] = set()
+    def _fetch(self, conversation_ids: list[str]) -> Iterator[tuple[str, Conversation | None]]:
+        """(id, document) for each id whose key holds a string value, read with pipelined MGETs
+        in chunks; the document is None when the value is not a JSON object (malformed)."""
         if not conversation_ids:
-            return documents, malformed
+            return
         pipe = self.client.pipeline(transaction=False)
         for start in range(0, len(conversation_ids), self.chunk):
             chunk = conversation_ids[start : start + self.chunk]
             pipe.mget([self.keys.conversation(cid) for cid in chunk])
-        for start, values in zip(
-            range(0, len(conversation_ids), self.chunk), pipe.execute(), strict=True
-        ):
+        replies = pipe.execute()
+        for start, values in zip(range(0, len(conversation_ids), self.chunk), replies, strict=True):
             for cid, raw in zip(conversation_ids[start : start + self.chunk], values, strict=True):
-                if raw is None:
-                    continue  # expired, or not a string: nothing to show
-                document = parse_json(raw)
-                if isinstance(document, dict):
-                    documents[cid] = document
-                else:
-                    malformed.add(cid)
-        return documents, malformed
+                if raw is not None:  # None: expired, or not a string: nothing to show
+                    yield cid, read(Conversation, raw)
 
 
-def _consistent(document: Mapping[str, Any], version: tuple[str, float]) -> bool:
+@contextmanager
+def _collection_paused() -> Iterator[None]:
+    """Hold the cyclic garbage collector back while documents are parsed.
+
+    Reading a thousand documents creates tens of thousands of small models, none of them in a
+    cycle and most freed at once; the collections their allocations would trigger (each one
+    walking the objects of the process) tripled the time of a cold read. The collector runs as
+    usual afterwards.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _text(reply: Any) -> str | None:
+    """A GET reply when it is a string (not missing, not an error such as WRONGTYPE)."""
+    return reply if isinstance(reply, str) else None
+
+
+def _consistent(document: Conversation, version: tuple[str, float]) -> bool:
     # the aggregator may update the set and the document in two steps: cache a row only when
     # the document has caught up with its set entry, else read it again next time
     status, score = version
     if status == "ended":
-        return document.get("status") == "ended"
-    updated = as_number(document.get("updated_ms"))
+        return document.status == "ended"
+    updated = document.updated_ms
     return updated is not None and updated >= score

@@ -1,14 +1,15 @@
 """Data behind the live dashboard: read the redis_aggregator's keys and shape them for display.
 
 No Streamlit here, so all of it is testable with plain pytest. The dashboard reads Redis only;
-every key may be missing or malformed, and each reader returns what is there instead of raising.
+every key may be missing or malformed: the models of :mod:`supportsim.contract.live_view` read
+what is there, with defaults for the rest, instead of raising.
 
 Keys read (P is `REDIS_KEY_PREFIX`), all written by the redis_aggregator:
 
-- `P conversation:{id}`: one conversation as JSON (persona, counters, sentiments, recent messages)
+- `P conversation:{id}`: one conversation (persona, counters, sentiments, recent messages)
 - `P conversations:active` / `P conversations:ended`: sorted sets scored by updated_ms / ended_ms
-- `P fleet`: fleet-wide aggregates as JSON
-- `P series:sentiment`: JSON list of 10-second buckets, oldest first
+- `P fleet`: fleet-wide aggregates, with the series' bucket size (`series_bucket_ms`)
+- `P series:sentiment`: list of buckets (10 s unless the fleet says otherwise), oldest first
 - `P pipeline`: chat and dead-letter counts (what the bots wrote, how far scoring is behind)
 """
 
@@ -16,27 +17,17 @@ from __future__ import annotations
 
 import io
 import string
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import pandas as pd
 
-from supportsim.live.frames import (
-    as_dict,
-    as_int,
-    as_list,
-    as_number,
-    as_text,
-    card_summary,
-    ms_to_datetime,
-    role_sentiment,
-)
+from supportsim.contract.live_view import DEFAULT_BUCKET_MS, Conversation, Fleet, FleetGroup
+from supportsim.live.frames import card_summary, ms_to_datetime, role_sentiment
 from supportsim.live.store import Snapshot
 
-SENTIMENT_LABELS = ("positive", "neutral", "negative")
-BUCKET_MS = 10_000
 RATE_WINDOW_MS = 60_000  # headline rates cover the last minute of buckets
 DEAD_LETTER_WINDOW_MS = 300_000  # the headline counts dead letters of the last five minutes
 BEHIND_WARNING_MESSAGES = 20  # scoring this far behind the chat gets a warning on the page
@@ -50,12 +41,7 @@ START_HINT = (
 BREAKDOWN_COLUMNS = ["conversations", "messages", "sentiment_avg"]
 
 
-# --- tolerant parsing -----------------------------------------------------------------------
-
-
-def sentiment_label(label: Any) -> str | None:
-    """The label when it is one of positive/neutral/negative, else None (unscored)."""
-    return label if label in SENTIMENT_LABELS else None
+# --- text -----------------------------------------------------------------------------------
 
 
 def escape_markdown(text: str) -> str:
@@ -71,20 +57,18 @@ def escape_markdown(text: str) -> str:
 # --- shaping --------------------------------------------------------------------------------
 
 
-def ending(conversation: Mapping[str, Any]) -> str | None:
+def ending(conversation: Conversation) -> str | None:
     """How an ended conversation ended: its `outcome`, else its `end_reason`; None if active."""
-    if as_text(conversation.get("status")) != "ended":
+    if conversation.status != "ended":
         return None
-    return (
-        as_text(conversation.get("outcome")) or as_text(conversation.get("end_reason")) or "unknown"
-    )
+    return conversation.outcome or conversation.end_reason or "unknown"
 
 
 def recent_rates(
     series: pd.DataFrame,
     now: int,
     window_ms: int = RATE_WINDOW_MS,
-    bucket_ms: int = BUCKET_MS,
+    bucket_ms: int = DEFAULT_BUCKET_MS,
     *,
     messages: str = "messages",
     tokens: str = "completion_tokens",
@@ -94,7 +78,8 @@ def recent_rates(
     Buckets that start inside the window count; the span is the whole window once the series
     is older than it (a missing bucket means nothing happened), else the time since the first
     bucket, never less than one bucket (a young system would otherwise show a spike).
-    None, None when there is no series at all. `messages` and `tokens` name the columns counted.
+    None, None when there is no series at all. `messages` and `tokens` name the columns counted;
+    `bucket_ms` is the series' bucket size (:attr:`Snapshot.bucket_ms`).
     """
     if series.empty:
         return None, None
@@ -107,7 +92,11 @@ def recent_rates(
     return count * 60_000 / span_ms, generated * 1000 / span_ms
 
 
-def breakdown(fleet: Mapping[str, Any], conversations: pd.DataFrame, by: str) -> pd.DataFrame:
+def _groups(fleet: Fleet, by: str) -> dict[str, FleetGroup]:
+    return fleet.by_mood if by == "mood" else fleet.by_product
+
+
+def breakdown(fleet: Fleet, conversations: pd.DataFrame, by: str) -> pd.DataFrame:
     """Conversations, messages and average customer sentiment per mood or product.
 
     From the fleet aggregate (`by_mood` / `by_product`: its customer messages, or all messages
@@ -116,17 +105,14 @@ def breakdown(fleet: Mapping[str, Any], conversations: pd.DataFrame, by: str) ->
     Indexed by the mood or product.
     """
     rows = []
-    for name, stats in as_dict(fleet.get(f"by_{by}")).items():
-        values = as_dict(stats)
-        split = "customer_sentiment_avg" in values
+    for name, group in _groups(fleet, by).items():
+        split = group.customer_messages is not None
         rows.append(
             {
-                by: as_text(name),
-                "conversations": as_int(values.get("conversations")),
-                "messages": as_int(values.get("customer_messages" if split else "messages")),
-                "sentiment_avg": as_number(
-                    values.get("customer_sentiment_avg" if split else "sentiment_avg")
-                ),
+                by: name,
+                "conversations": group.conversations,
+                "messages": group.customer_messages if split else group.messages,
+                "sentiment_avg": group.customer_sentiment_avg if split else group.sentiment_avg,
             }
         )
     if not rows and not conversations.empty:
@@ -170,8 +156,9 @@ class Headline:
         ) * 1000 >= BEHIND_WARNING_MS
 
 
-def _role_now(fleet: Mapping[str, Any], role: str) -> float | None:
-    return as_number(as_dict(as_dict(fleet.get("roles")).get(role)).get("sentiment_now"))
+def _role_now(fleet: Fleet, role: str) -> float | None:
+    totals = fleet.roles.get(role)
+    return totals.sentiment_now if totals is not None else None
 
 
 def headline(snapshot: Snapshot) -> Headline:
@@ -184,7 +171,7 @@ def headline(snapshot: Snapshot) -> Headline:
     fleet = snapshot.fleet
     table = snapshot.conversations
     active_rows = table[table["status"] == "active"]
-    messages = as_number(fleet.get("messages"))
+    messages = fleet.messages
     customer_now = _role_now(fleet, "customer")
     agent_now = _role_now(fleet, "agent")
     if customer_now is None and not active_rows.empty:
@@ -197,16 +184,17 @@ def headline(snapshot: Snapshot) -> Headline:
         latest = snapshot.series["customer_sentiment_avg"].dropna()
         customer_now = float(latest.iloc[-1]) if not latest.empty else None
     pipeline = snapshot.pipeline
-    chat = as_int(pipeline.get("chat_messages"))
+    chat = pipeline.chat_messages
     from_chat = chat > 0
     per_minute, per_second = recent_rates(
         snapshot.series,
         snapshot.taken_ms,
+        bucket_ms=snapshot.bucket_ms,
         messages="chat_messages" if from_chat else "messages",
         tokens="chat_completion_tokens" if from_chat else "completion_tokens",
     )
-    chat_newest = as_number(pipeline.get("chat_newest_ms"))
-    scored_newest = as_number(fleet.get("updated_ms"))
+    chat_newest = pipeline.chat_newest_ms
+    scored_newest = fleet.updated_ms
     behind_ms = (
         max(0.0, chat_newest - scored_newest)
         if chat_newest is not None and scored_newest is not None
@@ -214,7 +202,7 @@ def headline(snapshot: Snapshot) -> Headline:
     )
     series = snapshot.series
     dead_recent = None
-    if "dead_letters" in pipeline:
+    if pipeline.dead_letters is not None:
         recent = series[series["bucket_ms"] >= snapshot.taken_ms - DEAD_LETTER_WINDOW_MS]
         dead_recent = int(recent["dead_letters"].sum())
     scored = messages if messages is not None else float(table["turns"].sum())
@@ -222,8 +210,8 @@ def headline(snapshot: Snapshot) -> Headline:
     return Headline(
         active=snapshot.active_total,
         # the ended set may be trimmed by the aggregator; the fleet counts every one
-        ended=max(snapshot.ended_total, as_int(fleet.get("ended"))),
-        messages=int(messages) if messages is not None else int(table["turns"].sum()),
+        ended=max(snapshot.ended_total, fleet.ended),
+        messages=messages if messages is not None else int(table["turns"].sum()),
         customer_now=customer_now,
         agent_now=agent_now,
         messages_per_minute=per_minute,
@@ -231,31 +219,27 @@ def headline(snapshot: Snapshot) -> Headline:
         behind_messages=int(behind) if behind is not None else None,
         behind_s=behind_ms / 1000 if behind_ms is not None else None,
         dead_letters_recent=dead_recent,
-        dead_letters=as_int(pipeline.get("dead_letters")) if "dead_letters" in pipeline else None,
+        dead_letters=pipeline.dead_letters,
         rates_from_chat=from_chat,
     )
 
 
-def end_reasons(fleet: Mapping[str, Any], conversations: pd.DataFrame) -> dict[str, int]:
+def end_reasons(fleet: Fleet, conversations: pd.DataFrame) -> dict[str, int]:
     """How many conversations ended for each reason, most frequent first.
 
     From the fleet aggregate (which counts every ended conversation) when present, else
     counted from the finished conversations listed.
     """
-    counts = {
-        as_text(reason): as_int(count)
-        for reason, count in as_dict(fleet.get("end_reasons")).items()
-        if as_int(count) > 0
-    }
+    counts = {reason: count for reason, count in fleet.end_reasons.items() if count > 0}
     if not counts:
         ended = conversations.loc[conversations["status"] == "ended", "end_reason"]
         counts = {str(k): int(v) for k, v in ended.fillna("unknown").value_counts().items()}
     return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
 
 
-def filter_options(conversations: pd.DataFrame, fleet: Mapping[str, Any], by: str) -> list[str]:
+def filter_options(conversations: pd.DataFrame, fleet: Fleet, by: str) -> list[str]:
     """Sorted choices for a mood or product filter (from the table and the fleet)."""
-    names = set(conversations[by].dropna()) | set(as_dict(fleet.get(f"by_{by}")))
+    names = set(conversations[by].dropna()) | set(_groups(fleet, by))
     return sorted(name for name in names if isinstance(name, str) and name)
 
 
@@ -329,50 +313,44 @@ class TranscriptMessage:
     remedy: str | None = None  # the remedy an agent offered in this message
 
 
-def transcript(conversation: Mapping[str, Any]) -> list[TranscriptMessage]:
+def transcript(conversation: Conversation) -> list[TranscriptMessage]:
     """The conversation's stored messages in turn order, with speaker names and sentiment."""
-    customer = as_text(as_dict(conversation.get("customer")).get("name")) or "Customer"
-    agent = as_text(as_dict(conversation.get("agent")).get("name")) or "Agent"
+    customer = conversation.customer.name or "Customer"
+    agent = conversation.agent.name or "Agent"
     messages = []
-    for item in as_list(conversation.get("recent")):
-        message = as_dict(item)
-        if not message:
-            continue
-        role = as_text(message.get("role"))
-        role = role if role in ("customer", "agent") else "other"
+    for message in conversation.recent:
+        if not message.model_fields_set:
+            continue  # an empty entry
+        role = message.role if message.role in ("customer", "agent") else "other"
         speaker = {"customer": customer, "agent": agent}.get(role, "Unknown")
         messages.append(
             TranscriptMessage(
-                turn=as_int(message.get("turn"), -1),
+                turn=message.turn,
                 role=role,
                 speaker=speaker,
-                text=as_text(message.get("text")),
-                label=sentiment_label(message.get("label")),
-                score=as_number(message.get("score")),
-                time=ms_to_datetime(message.get("timestamp_ms")),
-                remedy=as_text(message.get("remedy")) or None,
+                text=message.text,
+                label=message.label,
+                score=message.score,
+                time=ms_to_datetime(message.timestamp_ms),
+                remedy=message.remedy or None,
             )
         )
     messages.sort(key=lambda m: m.turn)
     return messages
 
 
-def sentiment_trend(conversation: Mapping[str, Any]) -> pd.DataFrame:
+def sentiment_trend(conversation: Conversation) -> pd.DataFrame:
     """Score per turn of one conversation (columns turn, role, label, score)."""
-    rows = []
-    for item in as_list(conversation.get("sentiments")):
-        point = as_dict(item)
-        score = as_number(point.get("score"))
-        if score is None:
-            continue
-        rows.append(
-            {
-                "turn": as_int(point.get("turn"), -1),
-                "role": as_text(point.get("role"), "other"),
-                "label": sentiment_label(point.get("label")) or "unscored",
-                "score": score,
-            }
-        )
+    rows = [
+        {
+            "turn": point.turn,
+            "role": point.role or "other",
+            "label": point.label or "unscored",
+            "score": point.score,
+        }
+        for point in conversation.sentiments
+        if point.score is not None
+    ]
     return pd.DataFrame(rows, columns=["turn", "role", "label", "score"]).sort_values("turn")
 
 
@@ -458,29 +436,27 @@ class Tile:
     messages: list[TranscriptMessage]  # the latest WALL_MESSAGES, oldest first
 
 
-def wall_tile(conversation: Mapping[str, Any], last: int = WALL_MESSAGES) -> Tile:
+def wall_tile(conversation: Conversation, last: int = WALL_MESSAGES) -> Tile:
     """A wall tile from a conversation document."""
-    customer = as_dict(conversation.get("customer"))
-    agent = as_dict(conversation.get("agent"))
+    customer = conversation.customer
     messages = transcript(conversation)
     wants, scenario = card_summary(conversation)
     first, now = role_sentiment(conversation, "customer")
-    status = as_text(conversation.get("status"), "active")
     return Tile(
-        conversation_id=as_text(conversation.get("conversation_id")),
-        customer=as_text(customer.get("name")) or "Customer",
-        mood=as_text(customer.get("mood")),
-        product=as_text(customer.get("product")),
-        agent=as_text(agent.get("name")) or "Agent",
+        conversation_id=conversation.conversation_id,
+        customer=customer.name or "Customer",
+        mood=customer.mood,
+        product=customer.product,
+        agent=conversation.agent.name or "Agent",
         wants=wants,
         scenario=scenario,
-        status="ended" if status == "ended" else "active",
+        status=conversation.status,
         ending=ending(conversation),
-        remedy=as_text(conversation.get("remedy")) or None,
+        remedy=conversation.remedy or None,
         customer_first=first,
         customer_now=now,
         agent_now=role_sentiment(conversation, "agent")[1],
-        turns=as_int(conversation.get("messages"), len(messages)),
+        turns=conversation.messages or len(messages),
         messages=messages[-last:] if last > 0 else [],
     )
 

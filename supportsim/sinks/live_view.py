@@ -14,7 +14,9 @@ or a broker that re-exposes a fenced transaction. Sums are integers (sentiment s
 millionths), so the aggregates do not depend on the order the partitions interleave in, and a
 replay rewrites byte-identical Redis values.
 
-Sinks write whole values (SET, never INCR) at each checkpoint, before the offsets commit; when
+Sinks write whole values (SET, never INCR) at each checkpoint, before the offsets commit, each
+validated and serialised by its model in :mod:`supportsim.contract.live_view` (the one
+definition of the layout; the folds work on plain dicts of the same shape); when
 Redis is down they signal backpressure, so the application pauses, keeps its place in the group
 and retries with a capped exponential backoff, and nothing is lost. A :class:`PipelineReader`
 thread beside the application counts the chat and dead-letter topics (how far scoring is behind).
@@ -39,6 +41,15 @@ from pydantic_settings import SettingsConfigDict
 from quixstreams import Application, State
 from quixstreams.sinks.base import BatchingSink, SinkBackpressureError, SinkBatch
 
+from supportsim.contract.live_view import (
+    DEFAULT_BUCKET_MS,
+    Conversation,
+    Fleet,
+    Pipeline,
+    encode,
+    written,
+    written_series,
+)
 from supportsim.contract.messages import ChatMessage, DeadLetter, ScoredMessage, now_ms, parse
 from supportsim.contract.protocol import turn_order_problem
 from supportsim.contract.redis_keys import RedisKeys
@@ -76,11 +87,21 @@ class AggregatorSettings(ServiceSettings, RedisSettings):
     service_name: str = "redis_aggregator"
     # a checkpoint writes Redis: a short interval keeps the live view within a fraction of a second
     commit_interval: float = 0.25
-    recent_messages: int = Field(50, ge=1, le=1000)
-    conversation_retention_s: int = Field(86_400, ge=1)
-    series_bucket_s: int = Field(10, ge=1)
-    series_buckets: int = Field(360, ge=1, le=100_000)
-    redis_retry_max_s: float = Field(5.0, gt=0)
+    recent_messages: int = Field(
+        50, ge=1, le=1000, description="Messages kept per conversation for the live view."
+    )
+    conversation_retention_s: int = Field(
+        86_400, ge=1, description="Seconds a conversation stays in Redis after its last message."
+    )
+    series_bucket_s: int = Field(
+        10, ge=1, description="Width (s) of a sentiment time-series bucket."
+    )
+    series_buckets: int = Field(
+        360, ge=1, le=100_000, description="Buckets kept in the sentiment time series."
+    )
+    redis_retry_max_s: float = Field(
+        5.0, gt=0, description="Longest pause (s) between retries while Redis is unavailable."
+    )
 
     @property
     def limits(self) -> Limits:
@@ -99,7 +120,7 @@ class Limits:
 
     recent_messages: int = 50
     retention_ms: int = 86_400_000
-    bucket_ms: int = 10_000
+    bucket_ms: int = DEFAULT_BUCKET_MS
     buckets: int = 360
     sentiments: int = MAX_SENTIMENTS
     # turns of an open conversation that may be missing (dead-lettered upstream) before a turn
@@ -157,8 +178,9 @@ def fold_message(aggregate: dict | None, message: dict, limits: Limits) -> Folde
       (dead letters, with the reason);
     - a smaller gap (turns dead-lettered upstream) is accepted and counted in `missing_turns`.
 
-    The aggregate has the shape of the `conversation:{id}` value in Redis (docs/redis-keys.md),
-    so one encoding serves both state and Redis.
+    The aggregate has the shape of the `conversation:{id}` value in Redis (the
+    :class:`~supportsim.contract.live_view.Conversation` model, docs/redis-keys.md), so state
+    keeps it in the same encoding.
     """
     turn = message["turn"]
     sentiment = message["sentiment"]
@@ -317,9 +339,10 @@ def ended_marker(aggregate: dict) -> dict:
 
 
 def conversation_record(aggregate: dict, value: bytes) -> dict:
-    """What the conversation sink gets: the encoded Redis value and its bookkeeping fields.
+    """What the conversation sink gets: the encoded aggregate and its bookkeeping fields.
 
-    Small and flat, so it is cheap to copy between the two branches of the pipeline.
+    Small and flat, so it is cheap to copy between the two branches of the pipeline. The sink
+    writes `value` through the :class:`Conversation` model (:func:`conversation_value`).
     """
     return {
         "conversation_id": aggregate["conversation_id"],
@@ -487,8 +510,8 @@ def _forget_old(fleet: dict, limits: Limits) -> None:
             fleet["abandoned"] += 1
 
 
-def fleet_view(fleet: dict) -> dict:
-    """The `fleet` value in Redis for a fleet aggregate."""
+def fleet_view(fleet: dict, limits: Limits) -> dict:
+    """The `fleet` value in Redis for a fleet aggregate (the :class:`Fleet` model's fields)."""
     fleet = _upgrade(fleet)
     count = fleet["messages"]
     active = fleet["active"]
@@ -549,11 +572,13 @@ def fleet_view(fleet: dict) -> dict:
         "by_product": groups("product"),
         "roles": roles,
         "updated_ms": fleet["newest_ms"],
+        "series_bucket_ms": limits.bucket_ms,
     }
 
 
 def series_view(fleet: dict, limits: Limits) -> list[dict]:
-    """The `series:sentiment` value in Redis: buckets with messages, oldest first."""
+    """The `series:sentiment` value in Redis: buckets with messages, oldest first (each a
+    :class:`~supportsim.contract.live_view.SeriesPoint`)."""
     newest = _series_newest(fleet)
     if newest is None:
         return []
@@ -588,9 +613,22 @@ def series_view(fleet: dict, limits: Limits) -> list[dict]:
 # --------------------------------------------------------------------------- Redis
 
 
-def encode(value: Any) -> bytes:
-    """The JSON written to Redis (UTF-8): sorted keys, so equal values are equal bytes."""
-    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+def conversation_value(value: bytes) -> bytes:
+    """The `conversation:{id}` value for an encoded aggregate, through the model."""
+    return encode(written(Conversation, Conversation.model_validate_json(value)))
+
+
+def fleet_values(fleet: dict, limits: Limits) -> tuple[bytes, bytes]:
+    """The `fleet` and `series:sentiment` values for a fleet aggregate, through the models."""
+    return (
+        encode(written(Fleet, fleet_view(fleet, limits))),
+        encode(written_series(series_view(fleet, limits))),
+    )
+
+
+def pipeline_value(pipeline: dict, limits: Limits) -> bytes:
+    """The `pipeline` value for the pipeline reader's counts, through the model."""
+    return encode(written(Pipeline, pipeline_view(pipeline, limits)))
 
 
 class RedisSink(BatchingSink):
@@ -682,7 +720,7 @@ class ConversationSink(RedisSink):
                 pipe.zrem(keys.active, conversation_id)
                 pipe.zrem(keys.ended, conversation_id)
                 continue
-            pipe.set(key, record["value"], pxat=expire_at)
+            pipe.set(key, conversation_value(record["value"]), pxat=expire_at)
             if ended:
                 pipe.zrem(keys.active, conversation_id)
                 pipe.zadd(keys.ended, {conversation_id: record["ended_ms"]})
@@ -704,9 +742,10 @@ class FleetSink(RedisSink):
             fleet = item.value
         if fleet is None:
             return
+        fleet_value, series_value = fleet_values(fleet, self.limits)
         pipe = self.client.pipeline(transaction=True)
-        pipe.set(self.keys.fleet, encode(fleet_view(fleet)))
-        pipe.set(self.keys.series, encode(series_view(fleet, self.limits)))
+        pipe.set(self.keys.fleet, fleet_value)
+        pipe.set(self.keys.series, series_value)
         pipe.execute()
 
 
@@ -859,7 +898,7 @@ def forget_old_pipeline(pipeline: dict, limits: Limits) -> None:
 
 
 def pipeline_view(pipeline: dict, limits: Limits) -> dict:
-    """The `pipeline` value in Redis (docs/redis-keys.md)."""
+    """The `pipeline` value in Redis (the :class:`Pipeline` model's fields)."""
     times = [t for t in (pipeline["chat_newest_ms"], pipeline["dead_letter_newest_ms"]) if t]
     cutoff = _oldest_dropped_bucket(max(times), limits) if times else None
     return {
@@ -879,6 +918,7 @@ def pipeline_view(pipeline: dict, limits: Limits) -> dict:
             )
             if cutoff is None or int(bucket) > cutoff
         ],
+        "series_bucket_ms": limits.bucket_ms,
     }
 
 
@@ -948,20 +988,20 @@ class PipelineReader:
                         ]
                     consumer.assign(partitions)
                     self.pipeline = empty_pipeline()
-                    written = 0.0
+                    last_write = 0.0
                     while not self._stop.is_set():
                         for message in consumer.consume(num_messages=1000, timeout=0.5):
                             if message.error() is None:
                                 self.fold(message.topic(), message.value(), message.timestamp()[1])
-                        if time.monotonic() - written >= PIPELINE_WRITE_S:
+                        if time.monotonic() - last_write >= PIPELINE_WRITE_S:
                             forget_old_pipeline(self.pipeline, self._limits)
-                            value = encode(pipeline_view(self.pipeline, self._limits))
+                            value = pipeline_value(self.pipeline, self._limits)
                             try:
                                 client.set(self._keys.pipeline, value)
-                                written = time.monotonic()
+                                last_write = time.monotonic()
                             except REDIS_UNAVAILABLE as exc:
                                 logger.warning("pipeline figures not written: %s", exc)
-                                written = time.monotonic()
+                                last_write = time.monotonic()
             except Exception:  # a reader problem must never stop the aggregator
                 logger.exception("pipeline reader failed; starting again in 5 s")
                 self._stop.wait(5)

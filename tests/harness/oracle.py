@@ -7,6 +7,9 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+from pydantic import BaseModel
+
+from supportsim.contract.live_view import Conversation, Fleet, FleetGroup
 from supportsim.contract.messages import (
     ChatMessage,
     DeadLetter,
@@ -160,27 +163,41 @@ def _scored_problems(chat: list[ChatMessage], scored: list[ScoredMessage]) -> li
     return []
 
 
+def missing_fields(what: str, model: type[BaseModel], raw: dict) -> list[str]:
+    """The fields of `model` (the documented layout) that the Redis document lacks."""
+    missing = sorted(set(model.model_fields) - set(raw))
+    return [f"{what} lacks {', '.join(missing)}"] if missing else []
+
+
+def field_problems(what: str, got: BaseModel, want: BaseModel) -> list[str]:
+    """The fields set in `want` (a model of the same Redis document) that `got` differs in."""
+    return [
+        f"{what} {name}={getattr(got, name)!r}, expected {getattr(want, name)!r}"
+        for name in sorted(want.model_fields_set)
+        if getattr(got, name) != getattr(want, name)
+    ]
+
+
 def _redis_problems(
     cid: str, scored: list[ScoredMessage], state: RedisState, recent_limit: int
 ) -> list[str]:
-    value = state.conversations.get(cid)
-    if value is None:
+    raw = state.conversations.get(cid)
+    if raw is None:
         return ["no conversation value in Redis"]
-    problems = []
+    value = Conversation.model_validate(raw)
     ended = bool(scored) and scored[-1].final
-    expected = {
-        "messages": len(scored),
-        "last_turn": scored[-1].turn if scored else None,
-        "status": "ended" if ended else "active",
-        "end_reason": scored[-1].end_reason if ended else None,
-        "sentiment_sum_micro": sum(round(m.sentiment.score * SCORE_SCALE) for m in scored),
-        "prompt_tokens": sum(m.prompt_tokens for m in scored),
-        "completion_tokens": sum(m.completion_tokens for m in scored),
-    }
-    for name, want in expected.items():
-        if value.get(name) != want:
-            problems.append(f"Redis {name}={value.get(name)!r}, expected {want!r}")
-    recent = [m.get("message_id") for m in value.get("recent", [])]
+    expected = Conversation(
+        messages=len(scored),
+        last_turn=scored[-1].turn if scored else None,
+        status="ended" if ended else "active",
+        end_reason=scored[-1].end_reason if ended else None,
+        sentiment_sum_micro=sum(round(m.sentiment.score * SCORE_SCALE) for m in scored),
+        prompt_tokens=sum(m.prompt_tokens for m in scored),
+        completion_tokens=sum(m.completion_tokens for m in scored),
+    )
+    problems = missing_fields("Redis conversation", Conversation, raw)
+    problems += field_problems("Redis", value, expected)
+    recent = [m.message_id for m in value.recent]
     want_recent = [m.message_id for m in scored][-recent_limit:]
     if recent != want_recent:
         problems.append(f"Redis recent messages {len(recent)} differ from chat-scored")
@@ -190,52 +207,62 @@ def _redis_problems(
     return problems
 
 
-def expected_fleet(conversations: dict[str, list[ScoredMessage]]) -> dict:
-    """The fleet totals recomputed from first copies of scored messages (independent code)."""
+def expected_fleet(conversations: dict[str, list[ScoredMessage]]) -> Fleet:
+    """The fleet totals recomputed from first copies of scored messages (independent code).
+
+    Only the fields recomputed are set (`model_fields_set`); of each mood and product group,
+    `conversations` and `messages`.
+    """
     messages = [m for conversation in conversations.values() for m in conversation]
     ended = [c for c in conversations.values() if c and c[-1].final]
     score = sum(round(m.sentiment.score * SCORE_SCALE) for m in messages)
-    groups: dict[str, dict[str, list[int]]] = {"by_mood": {}, "by_product": {}}
+    groups: dict[str, dict[str, FleetGroup]] = {"mood": {}, "product": {}}
     for conversation in conversations.values():
         persona = conversation[0].customer
-        for name, value in (("by_mood", persona.mood), ("by_product", persona.product)):
-            counts = groups[name].setdefault(value, [0, 0])
-            counts[0] += 1
-            counts[1] += len(conversation)
-    return {
-        "started": len(conversations),
-        "ended": len(ended),
-        "active": len(conversations) - len(ended),
-        "abandoned": 0,
-        "messages": len(messages),
-        "prompt_tokens": sum(m.prompt_tokens for m in messages),
-        "completion_tokens": sum(m.completion_tokens for m in messages),
-        "sentiment_avg": round(score / len(messages) / SCORE_SCALE, 6) if messages else None,
-        "end_reasons": dict(Counter(c[-1].end_reason or "unknown" for c in ended)),
-        "by_mood": groups["by_mood"],
-        "by_product": groups["by_product"],
-    }
+        for name, value in (("mood", persona.mood), ("product", persona.product)):
+            group = groups[name].setdefault(value, FleetGroup(conversations=0, messages=0))
+            group.conversations += 1
+            group.messages += len(conversation)
+    return Fleet(
+        started=len(conversations),
+        ended=len(ended),
+        active=len(conversations) - len(ended),
+        abandoned=0,
+        messages=len(messages),
+        prompt_tokens=sum(m.prompt_tokens for m in messages),
+        completion_tokens=sum(m.completion_tokens for m in messages),
+        sentiment_avg=round(score / len(messages) / SCORE_SCALE, 6) if messages else None,
+        end_reasons=dict(Counter(c[-1].end_reason or "unknown" for c in ended)),
+        by_mood=groups["mood"],
+        by_product=groups["product"],
+    )
 
 
-def _fleet_problems(want: dict, got: dict | None) -> list[str]:
-    if got is None:
-        return ["no fleet value in Redis"] if want["messages"] else []
-    problems = []
-    for name in ("started", "ended", "active", "abandoned", "messages"):
-        if got.get(name) != want[name]:
-            problems.append(f"fleet {name}={got.get(name)!r}, recomputed {want[name]!r}")
-    for name in ("prompt_tokens", "completion_tokens", "end_reasons"):
-        if got.get(name) != want[name]:
-            problems.append(f"fleet {name}={got.get(name)!r}, recomputed {want[name]!r}")
-    avg, want_avg = got.get("sentiment_avg"), want["sentiment_avg"]
+def _group_counts(groups: dict[str, FleetGroup], want: dict[str, FleetGroup]) -> dict:
+    """Each group's fields that `want`'s groups set, as a comparable dict."""
+    names = sorted({name for group in want.values() for name in group.model_fields_set})
+    return {key: [getattr(group, name) for name in names] for key, group in groups.items()}
+
+
+def _fleet_problems(want: Fleet, raw: dict | None) -> list[str]:
+    if raw is None:
+        return ["no fleet value in Redis"] if want.messages else []
+    got = Fleet.model_validate(raw)
+    exact = want.model_fields_set - {"sentiment_avg", "by_mood", "by_product"}
+    problems = missing_fields("fleet", Fleet, raw)
+    problems += [
+        f"fleet {name}={getattr(got, name)!r}, recomputed {getattr(want, name)!r}"
+        for name in sorted(exact)
+        if getattr(got, name) != getattr(want, name)
+    ]
+    avg, want_avg = got.sentiment_avg, want.sentiment_avg
     if (avg is None) != (want_avg is None) or (avg is not None and abs(avg - want_avg) > 2e-6):
         problems.append(f"fleet sentiment_avg={avg!r}, recomputed {want_avg!r}")
     for name in ("by_mood", "by_product"):
-        have = {k: [v["conversations"], v["messages"]] for k, v in got.get(name, {}).items()}
-        if have != want[name]:
-            problems.append(
-                f"fleet {name} (conversations, messages) {have}, recomputed {want[name]}"
-            )
+        have = _group_counts(getattr(got, name), getattr(want, name))
+        recomputed = _group_counts(getattr(want, name), getattr(want, name))
+        if have != recomputed:
+            problems.append(f"fleet {name} {have}, recomputed {recomputed}")
     return problems
 
 

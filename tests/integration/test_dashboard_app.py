@@ -605,3 +605,27 @@ def test_no_warning_when_scoring_keeps_up(app_env, redis_client, prefix):
     assert not app.warning
     assert metrics(app)["Scoring behind"] == "0"
     assert metrics(app)["Dead letters"] == "0"
+
+
+@pytest.mark.parametrize(("bucket_ms", "per_minute"), [(30_000, "12.0"), (None, "36.0")])
+def test_rates_use_the_bucket_size_written_in_the_data(
+    app_env, redis_client, prefix, bucket_ms, per_minute
+):
+    # one bucket of 6 chat messages that has just started: a young series counts over one
+    # whole bucket, so the rate is 6 per 30 s where the data says 30 s, else 6 per 10 s
+    documents = [sample_conversation(i) for i in range(2)]
+    now = now_ms()
+    fleet = sample_fleet(documents, now, bucket_ms=bucket_ms or 10_000)
+    pipeline = sample_pipeline(now, fleet["messages"], buckets=0, bucket_ms=bucket_ms or 10_000)
+    pipeline["series"] = [
+        {"bucket_ms": now, "chat_messages": 6, "chat_completion_tokens": 150, "dead_letters": 0}
+    ]
+    if bucket_ms is None:  # an older aggregator: no bucket size in the data
+        del fleet["series_bucket_ms"], pipeline["series_bucket_ms"]
+    write_sample(redis_client, prefix, documents, fleet=fleet, series=[], pipeline=pipeline)
+    app = run_app()
+    assert metrics(app)["Msgs / min"] == per_minute
+    (sentiment,) = [m for m in app.metric if m.label == "Customer sentiment"]
+    assert sentiment.proto.help.endswith(
+        f"customer messages per {(bucket_ms or 10_000) // 1000} s."
+    )

@@ -20,16 +20,24 @@ import pytest
 import redis
 from quixstreams.sinks.base import SinkBackpressureError, SinkBatch
 
+from supportsim.contract.live_view import (
+    Conversation,
+    Fleet,
+    Pipeline,
+    PipelinePoint,
+    SeriesPoint,
+)
 from supportsim.contract.messages import new_id, now_ms
 from supportsim.contract.redis_keys import RedisKeys, clear_prefix
 from supportsim.kafka.app import make_app
+from supportsim.live.store import DashboardStore
 from supportsim.local.processes import free_port, spawn, stop_process, wait_for_port
 from supportsim.settings import ServiceSettings
 from supportsim.sinks.live_view import ConversationSink, Limits, encode
 from tests.support import ServiceProcess, produce, produce_json, read_topic, values
 
 RETENTION_S = 3600
-BUCKET_S = 10
+BUCKET_S = 30  # not the default 10 s: the dashboard reads the bucket size from the data
 BUCKETS = 5
 RECENT = 4
 AGGREGATOR_ENV = {
@@ -40,8 +48,6 @@ AGGREGATOR_ENV = {
     "REDIS_RETRY_MAX_S": "2",
     "REPLICA_INDEX": "0",  # as `supportsim up` sets it: a restart fences its predecessor
 }
-# fields the conversation value has beyond the required schema (docs/redis-keys.md)
-EXTRA_CONVERSATION_FIELDS = {"models", "sentiment_sum_micro", "latency_ms_total"}
 MOODS = ["angry", "confused", "polite"]
 PRODUCTS = ["laptop", 'phone "pro"', "router, v2"]
 REASONS = ["turn_limit", "goodbye", "error"]
@@ -295,6 +301,7 @@ def reference(messages: list[dict], now: int) -> dict[str, Any]:
             for role in ("customer", "agent")
         },
         "updated_ms": newest,
+        "series_bucket_ms": BUCKET_S * 1000,
     }
     bucket_ms = BUCKET_S * 1000
     buckets: dict[int, list[dict]] = {}
@@ -372,19 +379,31 @@ def snapshot(client: redis.Redis, prefix: str) -> dict[str, Any]:
     }
 
 
+def layout_problems(what: str, value: Any, model: type) -> list[str]:
+    """Fields of `value` that its model (the documented layout) lacks, and the reverse."""
+    if not isinstance(value, dict):
+        return [f"{what}: not a JSON object"]
+    problems = []
+    if unknown := set(value) - set(model.model_fields):
+        problems.append(f"{what}: undocumented fields {sorted(unknown)}")
+    if missing := set(model.model_fields) - set(value):
+        problems.append(f"{what}: missing fields {sorted(missing)}")
+    return problems
+
+
 def compare(client: redis.Redis, prefix: str, expected: dict) -> list[str]:
-    """Differences between Redis and the expected values, including unexpected keys."""
+    """Differences between Redis and the expected values, including unexpected keys and
+    fields outside the models of supportsim.contract.live_view."""
     actual = snapshot(client, prefix)
     found = differences(actual, expected)
     extra = set(actual["conversations"]) - set(expected["conversations"])
     found += [f"unexpected conversation key {cid}" for cid in extra]
     for cid, value in actual["conversations"].items():
-        unknown = (
-            set(value)
-            - set(expected["conversations"].get(cid, value))
-            - (EXTRA_CONVERSATION_FIELDS)
-        )
-        found += [f"conversation {cid}: undocumented fields {sorted(unknown)}"] if unknown else []
+        found += layout_problems(f"conversation {cid}", value, Conversation)
+    if actual["fleet"] is not None:
+        found += layout_problems("fleet", actual["fleet"], Fleet)
+    for point in actual["series"] or []:
+        found += layout_problems("series bucket", point, SeriesPoint)
     return found
 
 
@@ -518,6 +537,13 @@ def test_every_redis_value_equals_the_reference_and_bad_input_is_dead_lettered(
         )
         assert pipeline["dead_letters"] == expected_dead
         assert sum(b["dead_letters"] for b in pipeline["series"]) == expected_dead
+        assert layout_problems("pipeline", pipeline, Pipeline) == []
+        for point in pipeline["series"]:
+            assert layout_problems("pipeline bucket", point, PipelinePoint) == []
+        # the dashboard reads the bucket size from the data, not its default of 10 s
+        store_view = DashboardStore(redis_client, keys).snapshot()
+        assert store_view.bucket_ms == BUCKET_S * 1000
+        assert store_view.pipeline.series_bucket_ms == BUCKET_S * 1000
         assert service.alive()
         assert "skipped: duplicate message" in service.log()
     finally:

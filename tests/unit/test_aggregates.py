@@ -156,7 +156,7 @@ def test_duplicates_and_older_turns_are_skipped_without_changing_anything():
 def test_a_single_final_message_starts_and_ends_a_conversation():
     _, (contribution,) = fold_all([scored(new_id(), 0, final=True, end_reason="error")])
     fleet = fold_contribution(None, contribution, LIMITS)
-    view = fleet_view(fleet)
+    view = fleet_view(fleet, LIMITS)
     assert (view["started"], view["ended"], view["active"]) == (1, 1, 0)
     assert view["end_reasons"] == {"error": 1}
     assert view["sentiment_avg_active"] is None
@@ -185,7 +185,7 @@ def test_fleet_totals_breakdowns_and_the_active_average():
     for conversation in (a, b, c):
         for contribution in fold_all(conversation)[1]:
             fleet = fold_contribution(fleet, contribution, LIMITS)
-    view = fleet_view(fleet)
+    view = fleet_view(fleet, LIMITS)
     assert (view["active"], view["ended"], view["started"], view["abandoned"]) == (2, 1, 3, 0)
     assert view["messages"] == 6
     assert view["sentiment_avg"] == about((-1.5 + 1.5 + 0.25) / 6)
@@ -235,7 +235,7 @@ def test_the_fleet_does_not_depend_on_the_order_partitions_interleave_in():
         fleet = None
         for contribution in interleave(seed):
             fleet = fold_contribution(fleet, contribution, LIMITS)
-        results.add((encode(fleet_view(fleet)), encode(series_view(fleet, LIMITS))))
+        results.add((encode(fleet_view(fleet, LIMITS)), encode(series_view(fleet, LIMITS))))
     assert len(results) == 1
 
 
@@ -260,7 +260,7 @@ def test_the_series_buckets_by_message_time_and_keeps_a_bounded_window():
     late["timestamp_ms"] = T0
     fleet = fold_contribution(fleet, fold_all([late])[1][0], LIMITS)
     assert series_view(fleet, LIMITS) == series
-    assert fleet_view(fleet)["messages"] == 13
+    assert fleet_view(fleet, LIMITS)["messages"] == 13
 
 
 def test_a_conversation_silent_past_the_retention_is_abandoned_until_it_speaks_again():
@@ -272,13 +272,13 @@ def test_a_conversation_silent_past_the_retention_is_abandoned_until_it_speaks_a
     later = scored(busy, 1)
     later["timestamp_ms"] = T0 + LIMITS.retention_ms + 10_000
     fleet = fold_contribution(fleet, fold_message(aggregate, later, LIMITS).contribution, LIMITS)
-    view = fleet_view(fleet)
+    view = fleet_view(fleet, LIMITS)
     assert (view["active"], view["abandoned"], view["started"]) == (1, 1, 2)
     back = scored(quiet, 1)
     back["timestamp_ms"] = later["timestamp_ms"] + 1
     first, _ = fold_all([scored(quiet, 0)])
     fleet = fold_contribution(fleet, fold_message(first, back, LIMITS).contribution, LIMITS)
-    view = fleet_view(fleet)
+    view = fleet_view(fleet, LIMITS)
     assert (view["active"], view["abandoned"], view["started"]) == (2, 0, 2)
 
 
@@ -388,7 +388,7 @@ def test_fleet_customer_sentiment_now_is_the_active_conversations_latest_custome
     for conversation in (a, b, gone):
         for contribution in fold_all(conversation)[1]:
             fleet = fold_contribution(fleet, contribution, LIMITS)
-    roles = fleet_view(fleet)["roles"]
+    roles = fleet_view(fleet, LIMITS)["roles"]
     assert roles["customer"]["sentiment_now"] == about((-0.4 + 0.2) / 2)  # ended one left out
     assert roles["agent"]["sentiment_now"] == about((0.6 + 0.5) / 2)
     assert roles["customer"]["messages"] == 2 + 1 + 2
@@ -454,6 +454,6 @@ def test_a_fleet_from_older_state_is_upgraded_in_place():
     aggregate, _ = fold_all([scored(cid, 0)])
     contribution = fold_message(aggregate, scored(cid, 1), LIMITS).contribution
     fleet = fold_contribution(fleet, contribution, LIMITS)
-    view = fleet_view(fleet)
+    view = fleet_view(fleet, LIMITS)
     assert view["messages"] == 2 and view["roles"]["agent"]["messages"] == 1
     assert series_view(fleet, LIMITS)[0]["messages"] == 2

@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 import re
+from typing import Any
 
 import pandas as pd
 import pytest
 
+from supportsim.contract.live_view import (
+    DEFAULT_BUCKET_MS,
+    Conversation,
+    Fleet,
+    Pipeline,
+    read,
+    series_points,
+)
 from supportsim.contract.redis_keys import RedisKeys
 from supportsim.live.frames import (
     CONVERSATION_COLUMNS,
-    as_int,
-    as_number,
-    as_text,
     conversation_frame,
     ms_to_datetime,
-    parse_json,
     series_frame,
     summarize,
 )
@@ -31,7 +35,6 @@ from supportsim.live.sample import (
 )
 from supportsim.live.store import DashboardSettings, Snapshot
 from supportsim.live.views import (
-    BUCKET_MS,
     breakdown,
     conversations_csv,
     end_reasons,
@@ -49,52 +52,44 @@ from supportsim.live.views import (
 )
 
 NOW = 1_800_000_000_000  # a fixed "now", aligned to a bucket
+BUCKET_MS = DEFAULT_BUCKET_MS
+
+
+def conv(document: dict[str, Any]) -> Conversation:
+    """A conversation document (JSON data) as the dashboard reads it."""
+    return Conversation.model_validate(document)
+
+
+def fleet_of(fleet: dict[str, Any]) -> Fleet:
+    """A fleet document (JSON data) as the dashboard reads it."""
+    return Fleet.model_validate(fleet)
 
 
 def table(*documents: dict) -> pd.DataFrame:
-    return conversation_frame(summarize(d) for d in documents)
+    return conversation_frame(summarize(conv(d)) for d in documents)
 
 
 def snapshot(documents=(), fleet=None, series=None, now=NOW, pipeline=None) -> Snapshot:
     frame = table(*documents)
+    counts = Pipeline.model_validate(pipeline or {})
     return Snapshot(
         conversations=frame,
-        fleet=fleet or {},
-        series=series_frame(series, pipeline),
+        fleet=fleet_of(fleet or {}),
+        series=series_frame(series_points(series or []), counts),
         active_total=int((frame["status"] == "active").sum()),
         ended_total=int((frame["status"] == "ended").sum()),
         unreadable=0,
         taken_ms=now,
-        pipeline=pipeline or {},
+        pipeline=counts,
     )
 
 
-# --- tolerant parsing
+# --- tolerant reading (the models themselves: tests/unit/test_live_view_documents.py)
 
 
-@pytest.mark.parametrize("raw", [None, "", "{", b"\xff", "not json"])
-def test_parse_json_returns_none_for_missing_or_malformed(raw):
-    assert parse_json(raw) is None
-
-
-def test_parse_json_decodes_str_and_bytes():
-    assert parse_json('{"a": 1}') == {"a": 1}
-    assert parse_json(b"[1, 2]") == [1, 2]
-
-
-@pytest.mark.parametrize(
-    ("value", "expected"),
-    [(1, 1.0), (0.5, 0.5), (True, None), ("1", None), (None, None), (math.nan, None)],
-)
-def test_as_number_accepts_finite_numbers_only(value, expected):
-    assert as_number(value) == expected
-
-
-def test_as_int_and_as_text_fall_back_on_wrong_types():
-    assert as_int("7", default=3) == 3
-    assert as_int(7.9) == 7
-    assert as_text({"name": "x"}) == ""
-    assert as_text(12) == "12"
+@pytest.mark.parametrize("raw", [None, "", "{", b"\xff", "not json", "[1, 2]", "3"])
+def test_a_conversation_value_that_is_not_a_json_object_reads_as_none(raw):
+    assert read(Conversation, raw) is None
 
 
 def test_ms_to_datetime_rejects_implausible_values():
@@ -142,7 +137,7 @@ def test_keys_follow_the_aggregator_schema():
 
 def test_summarize_a_complete_conversation():
     document = sample_conversation(3, turns=4, status="ended", end_reason="goodbye")
-    row = summarize(document)
+    row = summarize(conv(document))
     assert row["conversation_id"] == document["conversation_id"]
     assert (row["status"], row["end_reason"], row["turns"]) == ("ended", "goodbye", 4)
     assert row["customer"] == document["customer"]["name"]
@@ -161,7 +156,7 @@ def test_summarize_a_complete_conversation():
     ],
 )
 def test_summarize_never_raises_on_malformed_documents(document):
-    row = summarize(document, "active")
+    row = summarize(conv(document), "active")
     assert set(row) == set(CONVERSATION_COLUMNS)
     assert row["status"] == "active"
     frame = conversation_frame([row])
@@ -170,8 +165,8 @@ def test_summarize_never_raises_on_malformed_documents(document):
 
 def test_the_listing_set_decides_the_status():
     document = sample_conversation(1)
-    assert summarize(document, "ended")["status"] == "ended"
-    assert summarize({**document, "status": "weird"})["status"] == "active"
+    assert summarize(conv(document), "ended")["status"] == "ended"
+    assert summarize(conv({**document, "status": "weird"}))["status"] == "active"
 
 
 def test_empty_conversation_frame_has_all_columns():
@@ -190,14 +185,16 @@ def test_series_frame_skips_bad_buckets_and_sorts():
         {"messages": 4},
         {"bucket_ms": NOW - BUCKET_MS, "messages": 1, "sentiment_avg": None},
     ]
-    frame = series_frame(raw)
+    frame = series_frame(series_points(raw))
     assert frame["bucket_ms"].tolist() == [NOW - BUCKET_MS, NOW]
     assert frame["completion_tokens"].tolist() == [0, 10]
-    assert series_frame({"not": "a list"}).empty
+    assert series_frame(series_points({"not": "a list"})).empty
+    # a bucket at an implausible time is skipped too
+    assert series_frame(series_points([{"bucket_ms": -5, "messages": 1}])).empty
 
 
 def test_rates_over_the_last_minute_of_an_old_series():
-    series = series_frame(sample_series(NOW, buckets=30, messages=6))
+    series = series_frame(series_points(sample_series(NOW, buckets=30, messages=6)))
     per_minute, per_second = recent_rates(series, NOW)
     # the six buckets starting in the last 60 s, over 60 s
     assert per_minute == pytest.approx(6 * 6)
@@ -206,8 +203,10 @@ def test_rates_over_the_last_minute_of_an_old_series():
 
 def test_rates_of_a_young_series_use_its_age_not_the_whole_window():
     series = series_frame(
-        [{"bucket_ms": NOW - 20_000, "messages": 10, "completion_tokens": 100}]
-        + [{"bucket_ms": NOW - 10_000, "messages": 10, "completion_tokens": 100}]
+        series_points(
+            [{"bucket_ms": NOW - 20_000, "messages": 10, "completion_tokens": 100}]
+            + [{"bucket_ms": NOW - 10_000, "messages": 10, "completion_tokens": 100}]
+        )
     )
     per_minute, per_second = recent_rates(series, NOW)
     assert per_minute == pytest.approx(20 * 60 / 20)
@@ -215,13 +214,15 @@ def test_rates_of_a_young_series_use_its_age_not_the_whole_window():
 
 
 def test_rates_are_zero_when_the_series_went_quiet_and_none_without_one():
-    series = series_frame([{"bucket_ms": NOW - 600_000, "messages": 50}])
+    series = series_frame(series_points([{"bucket_ms": NOW - 600_000, "messages": 50}]))
     assert recent_rates(series, NOW) == (0.0, 0.0)
-    assert recent_rates(series_frame(None), NOW) == (None, None)
+    assert recent_rates(series_frame([]), NOW) == (None, None)
 
 
 def test_a_bucket_just_started_does_not_spike_the_rate():
-    series = series_frame([{"bucket_ms": NOW - 500, "messages": 3, "completion_tokens": 30}])
+    series = series_frame(
+        series_points([{"bucket_ms": NOW - 500, "messages": 3, "completion_tokens": 30}])
+    )
     per_minute, _ = recent_rates(series, NOW)
     assert per_minute == pytest.approx(3 * 6)  # over one whole bucket, not half a second
 
@@ -296,22 +297,22 @@ def test_headline_of_nothing():
 
 def test_breakdown_from_fleet_and_fallback_from_rows():
     docs = [sample_conversation(i, turns=2) for i in range(10)]
-    from_rows = breakdown({}, table(*docs), "mood")
+    from_rows = breakdown(Fleet(), table(*docs), "mood")
     assert from_rows["conversations"].sum() == 10
     assert from_rows["messages"].sum() == 20
     fleet = {"by_mood": {"angry": {"conversations": 2, "messages": 9, "sentiment_avg": -0.4}}}
-    from_fleet = breakdown(fleet, table(*docs), "mood")
+    from_fleet = breakdown(fleet_of(fleet), table(*docs), "mood")
     assert from_fleet.to_dict("records") == [
         {"mood": "angry", "conversations": 2, "messages": 9, "sentiment_avg": -0.4}
     ]
     # customer messages only, where the aggregator splits them
     fleet["by_mood"]["angry"].update(customer_messages=5, customer_sentiment_avg=-0.7)
-    assert breakdown(fleet, table(*docs), "mood").to_dict("records") == [
+    assert breakdown(fleet_of(fleet), table(*docs), "mood").to_dict("records") == [
         {"mood": "angry", "conversations": 2, "messages": 5, "sentiment_avg": -0.7}
     ]
-    malformed = breakdown({"by_mood": {"x": "y"}}, table(), "mood")
+    malformed = breakdown(fleet_of({"by_mood": {"x": "y"}}), table(), "mood")
     assert malformed["conversations"].tolist() == [0]
-    assert breakdown({}, table(), "product").empty
+    assert breakdown(Fleet(), table(), "product").empty
 
 
 # --- filters and CSV
@@ -347,9 +348,9 @@ def test_search_matches_names_products_and_ids(mixed):
 
 
 def test_filter_options_merge_table_and_fleet(mixed):
-    fleet = {"by_mood": {"zen": {}}}
+    fleet = fleet_of({"by_mood": {"zen": {}}})
     assert filter_options(mixed, fleet, "mood")[-1] == "zen"
-    assert filter_options(mixed, {}, "product") == sorted(set(mixed["product"]))
+    assert filter_options(mixed, Fleet(), "product") == sorted(set(mixed["product"]))
 
 
 def test_csv_holds_the_rows_in_view(mixed):
@@ -379,7 +380,7 @@ def test_csv_defuses_spreadsheet_formulas():
 def test_transcript_orders_by_turn_and_names_speakers():
     document = sample_conversation(2, turns=4)
     document["recent"].reverse()
-    messages = transcript(document)
+    messages = transcript(conv(document))
     assert [m.turn for m in messages] == [0, 1, 2, 3]
     assert [m.role for m in messages[:2]] == ["customer", "agent"]
     assert messages[0].speaker == document["customer"]["name"]
@@ -394,22 +395,23 @@ def test_transcript_keeps_text_exactly_and_tolerates_bad_entries():
             {"turn": 1, "role": "robot", "text": hostile, "label": "furious", "score": "bad"},
             "junk",
             {"turn": 0, "role": "customer", "text": None},
+            {},
         ]
     }
-    messages = transcript(document)
+    messages = transcript(conv(document))
     assert [m.turn for m in messages] == [0, 1]
     assert messages[0].speaker == "Customer" and messages[0].text == ""
     assert messages[1].role == "other" and messages[1].text == hostile
     assert messages[1].label is None and messages[1].score is None
-    assert transcript({}) == []
+    assert transcript(Conversation()) == []
 
 
 def test_sentiment_trend_of_a_conversation():
     document = sample_conversation(1, turns=5)
-    trend = sentiment_trend(document)
+    trend = sentiment_trend(conv(document))
     assert trend["turn"].tolist() == [0, 1, 2, 3, 4]
     assert trend["score"].between(-1, 1).all()
-    assert sentiment_trend({"sentiments": [{"turn": 1}]}).empty
+    assert sentiment_trend(conv({"sentiments": [{"turn": 1}]})).empty
 
 
 def test_persona_labels_are_plain_and_unique(mixed):
@@ -430,10 +432,10 @@ def test_dashboard_command_line_is_headless_and_local():
 
 
 def test_end_reasons_from_fleet_or_from_the_finished_rows(mixed):
-    fleet = {"end_reasons": {"goodbye": 3, "turn_limit": 7, "error": 0, "bad": "x"}}
+    fleet = fleet_of({"end_reasons": {"goodbye": 3, "turn_limit": 7, "error": 0, "bad": "x"}})
     assert end_reasons(fleet, mixed) == {"turn_limit": 7, "goodbye": 3}
-    assert end_reasons({}, mixed) == {"goodbye": 4}
-    assert end_reasons({}, table()) == {}
+    assert end_reasons(Fleet(), mixed) == {"goodbye": 4}
+    assert end_reasons(Fleet(), table()) == {}
 
 
 def test_port_and_address_settings(monkeypatch):
@@ -479,7 +481,7 @@ def test_a_wall_tile_has_persona_card_customer_sentiment_and_the_latest_messages
     document = sample_conversation(
         3, turns=9, status="ended", end_reason="goodbye", outcome="resolved"
     )
-    tile = wall_tile(document)
+    tile = wall_tile(conv(document))
     assert (tile.customer, tile.mood, tile.product) == (
         document["customer"]["name"],
         document["customer"]["mood"],
@@ -497,28 +499,30 @@ def test_a_wall_tile_has_persona_card_customer_sentiment_and_the_latest_messages
 def test_a_tile_without_card_or_outcome_shows_the_end_reason():
     document = sample_conversation(2, status="ended", end_reason="turn_limit", card=False)
     del document["outcome"], document["card"], document["roles"], document["remedy"]
-    tile = wall_tile(document)
+    tile = wall_tile(conv(document))
     assert (tile.wants, tile.ending, tile.remedy) == ("", "turn_limit", None)
     assert tile.customer_first == document["sentiments"][0]["score"]
-    broken = wall_tile({"customer": "x", "recent": "y", "card": ["z"], "status": "ended"})
+    broken = wall_tile(conv({"customer": "x", "recent": "y", "card": ["z"], "status": "ended"}))
     assert (broken.customer, broken.ending, broken.messages) == ("Customer", "unknown", [])
 
 
-def test_sample_documents_have_every_field_the_aggregator_writes():
-    from supportsim.sinks.live_view import Limits, fold_message
-    from tests.support import chat_message
+def test_sample_documents_have_every_field_of_the_models():
+    from supportsim.contract.live_view import FleetGroup, FleetRole, RoleTotals
 
-    message = chat_message(turn=0, final=True, end_reason="goodbye")
-    message["sentiment"] = {"label": "neutral", "score": 0.0, "model": "m"}
-    written = fold_message(None, message, Limits()).conversation
-    assert set(written) <= set(sample_conversation(0))
-    assert set(written["roles"]["customer"]) == set(sample_conversation(0)["roles"]["customer"])
+    document = sample_conversation(0)
+    assert set(document) == set(Conversation.model_fields)
+    assert set(document["roles"]["customer"]) == set(RoleTotals.model_fields)
+    fleet = sample_fleet([document], NOW)
+    assert set(fleet) == set(Fleet.model_fields)
+    assert set(fleet["by_mood"]["angry"]) == set(FleetGroup.model_fields)
+    assert set(fleet["roles"]["agent"]) == set(FleetRole.model_fields)
+    assert set(sample_pipeline(NOW, 1)) == set(Pipeline.model_fields)
 
 
 def test_chat_counts_join_the_series_by_bucket():
     pipeline = sample_pipeline(NOW, 100, buckets=3, messages=4, dead_letters=1)
     scored = sample_series(NOW, buckets=2)  # scoring is one bucket behind the chat
-    frame = series_frame(scored, pipeline)
+    frame = series_frame(series_points(scored), Pipeline.model_validate(pipeline))
     assert frame["bucket_ms"].tolist() == [NOW - i * BUCKET_MS for i in (3, 2, 1)]
     assert frame["chat_messages"].tolist() == [4, 4, 4]
     assert frame["messages"].tolist()[-1] == 6 and frame["dead_letters"].tolist() == [0, 0, 1]
