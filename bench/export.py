@@ -98,17 +98,15 @@ def fill(address: str, topic: str, count: int) -> None:
 def naive_export(topic: str, out: Path) -> int:
     """The load-everything baseline: every row in memory, grouped, then written."""
     from supportsim.contract.messages import DeadLetter, parse_scored, to_json
-    from supportsim.datasets.export import Snapshot, open_consumer
     from supportsim.datasets.rows import jsonl, message_row, summarize
-    from supportsim.settings import ServiceSettings
+    from supportsim.kafka.reader import TopicReader
 
-    _, consumer = open_consumer(ServiceSettings(), "bench-naive")
     rows = []
-    for record in Snapshot(consumer, topic):
-        parsed = parse_scored(record.value(), service="bench", source_topic=topic)
-        if not isinstance(parsed, DeadLetter):
-            rows.append(message_row(to_json(parsed), record.partition(), record.offset()))
-    consumer.close()
+    with TopicReader(purpose="bench-naive") as reader:
+        for record in reader.read(topic):
+            parsed = parse_scored(record.value, service="bench", source_topic=topic)
+            if not isinstance(parsed, DeadLetter):
+                rows.append(message_row(to_json(parsed), record.partition, record.offset))
     grouped: dict[str, list[dict]] = {}
     for row in rows:
         grouped.setdefault(row["conversation_id"], []).append(row)

@@ -39,16 +39,19 @@ import tempfile
 import time
 from pathlib import Path
 
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Producer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from supportsim.contract.messages import new_id, now_ms  # noqa: E402
 from supportsim.kafka.app import make_app  # noqa: E402  # noqa: E402
 from supportsim.kafka.batch_loop import BatchLoop  # noqa: E402
-from supportsim.local.broker import LOCAL_SESSION_TIMEOUT_MS, LocalBroker  # noqa: E402
+from supportsim.kafka.reader import TopicReader  # noqa: E402
+from supportsim.kafka.reader import count as count_offsets  # noqa: E402
+from supportsim.local.broker import LocalBroker  # noqa: E402
 from supportsim.sentiment.model import Scorer, load_examples  # noqa: E402
 from supportsim.sentiment.service import SentimentSettings, score_records  # noqa: E402
+from supportsim.settings import KafkaSettings  # noqa: E402
 
 BATCH = 32
 TURNS = 12
@@ -200,30 +203,12 @@ def run_service(
     return loop, timed.seconds * loop.rate / loop.processed
 
 
-def scored_ids(address: str, topic: str, count: int, timeout: float = 60) -> tuple[int, set]:
-    """Read `topic` from the start: (records, distinct message_ids), until `count` distinct."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": address,
-            "group.id": f"bench-check-{new_id()}",
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-            "isolation.level": "read_committed",
-            "session.timeout.ms": LOCAL_SESSION_TIMEOUT_MS,
-        }
-    )
-    consumer.subscribe([topic])
-    records, ids = 0, set()
-    deadline = time.monotonic() + timeout
-    try:
-        while len(ids) < count and time.monotonic() < deadline:
-            for message in consumer.consume(1000, 0.5):
-                if not message.error():
-                    records += 1
-                    ids.add(json.loads(message.value())["message_id"])
-    finally:
-        consumer.close()
-    return records, ids
+def scored_ids(address: str, topic: str) -> tuple[int, set]:
+    """Read `topic` to its end, read_committed: (records, distinct message_ids)."""
+    kafka = KafkaSettings(broker_address=address)
+    with TopicReader(kafka=kafka, isolation="read_committed", purpose="bench-check") as reader:
+        values = [record.value for record in reader.read(topic, stall_timeout=60)]
+    return len(values), {json.loads(value)["message_id"] for value in values}
 
 
 def sorted_rate(scorer: Scorer, texts: list[str]) -> float:
@@ -242,19 +227,6 @@ def produce(address: str, topic: str, messages: list[dict]) -> None:
             producer.flush()
     if producer.flush(30):
         raise SystemExit("the backlog was not delivered")
-
-
-def topic_size(address: str, topic: str) -> int:
-    """Sum of the topic's high watermarks."""
-    consumer = Consumer({"bootstrap.servers": address, "group.id": f"bench-size-{new_id()}"})
-    try:
-        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        return sum(
-            consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-            for p in partitions
-        )
-    finally:
-        consumer.close()
 
 
 def main() -> None:
@@ -315,12 +287,13 @@ def main() -> None:
         whole = sorted_rate(scorer, texts[:sorted_count])
         print(f"one sorted call over {sorted_count} texts: {whole:.1f} messages/s", flush=True)
 
-        records, ids = scored_ids(broker.address, settings.scored_topic, count)
+        records, ids = scored_ids(broker.address, settings.scored_topic)
         expected = {m["message_id"] for m in messages}
+        offsets = count_offsets([settings.scored_topic], kafka=KafkaSettings(), exact=True)
         print(
             f"check: {records} scored records, {len(ids & expected)} of {count} message_ids, "
             f"{len(ids - expected)} unknown; chat-scored offsets "
-            f"{topic_size(broker.address, settings.scored_topic)}",
+            f"{offsets[settings.scored_topic]}",
             flush=True,
         )
         if ids != expected:

@@ -1,11 +1,11 @@
 """`supportsim export` and `supportsim compare`: datasets and model comparisons from `chat-scored`.
 
-Export reads the scored topic up to the high watermarks found when it starts (so it ends on a live
-topic), with the configured `isolation.level` (`KAFKA_ISOLATION_LEVEL`), and writes one row per
-message and one summary per conversation as CSV, JSON Lines and optionally Parquet, plus
-chat-format JSON Lines for fine-tuning.
+Export reads the scored topic to its end as found when reading begins (so it ends on a live
+topic; the rule is in `supportsim.kafka.reader`), with the configured `isolation.level`
+(`KAFKA_ISOLATION_LEVEL`), and writes one row per message and one summary per conversation as
+CSV, JSON Lines and optionally Parquet, plus chat-format JSON Lines for fine-tuning.
 
-Memory stays flat however long the topic: the consumer's prefetch is capped, and message rows are
+Memory stays flat however long the topic: the reader's prefetch is capped, and message rows are
 spilled to a temporary SQLite file in the output folder, which also sorts them. Only one
 conversation at a time is held in memory, when it is summarized and when it is written. Output is
 deterministic: conversations sorted by first timestamp then id, messages of a conversation in
@@ -26,16 +26,13 @@ import shutil
 import sqlite3
 import sys
 import tempfile
-import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import groupby
 from pathlib import Path
 from typing import Any
-
-from confluent_kafka import OFFSET_BEGINNING, KafkaError, Message, TopicPartition
 
 from supportsim.contract.messages import DeadLetter, parse_scored, to_json
 from supportsim.datasets.rows import (
@@ -49,6 +46,7 @@ from supportsim.datasets.rows import (
     summarize,
 )
 from supportsim.datasets.writers import JsonlRows, open_writers
+from supportsim.kafka.reader import TopicRead, TopicReader, TopicReadError
 from supportsim.settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
@@ -56,14 +54,6 @@ logger = logging.getLogger(__name__)
 FORMATS = ("csv", "jsonl", "parquet")
 LABELS = ("negative", "neutral", "positive")
 CLOCK_SKEW_MS = 5 * 60 * 1000  # --since seeks by Kafka timestamp; allow for producer clock skew
-# librdkafka prefetches up to 64 MB per consumer by default: cap it, or a long topic fills memory
-BOUNDED_FETCH = {
-    "queued.min.messages": 1000,
-    "queued.max.messages.kbytes": 1024,
-    "max.partition.fetch.bytes": 256 * 1024,
-    "fetch.max.bytes": 1024 * 1024,
-    "enable.partition.eof": True,
-}
 SERVICE = "supportsim-export"
 OUTPUT_FILES = {
     *(f"{stem}.{ext}" for stem in ("messages", "conversations") for ext in FORMATS),
@@ -150,11 +140,11 @@ class ExportOptions:
         return self.conversations is None or conversation_id in self.conversations
 
 
-# --- reading a topic up to its end at start -------------------------------------------------
+# --- progress --------------------------------------------------------------------------------
 
 
 class ProgressBar:
-    """A progress bar on stderr (messages read / high watermark), or nothing when disabled."""
+    """A progress bar on stderr (offsets read / offsets to read), or nothing when disabled."""
 
     def __init__(self, enabled: bool, description: str):
         self._bar = None
@@ -184,7 +174,7 @@ class ProgressBar:
         self._bar.start()
 
     def update(self, done: int, total: int | None) -> None:
-        """Show `done` of `total` messages."""
+        """Show `done` of `total` offsets."""
         if self._bar is not None:
             self._bar.update(self._task, completed=done, total=total)
 
@@ -193,142 +183,6 @@ class ProgressBar:
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
-
-
-def open_consumer(settings: ServiceSettings, purpose: str):
-    """A plain consumer for the configured broker (Quix Cloud included), with a small prefetch.
-
-    Returns the Quix application (to resolve topic names) and its consumer. Partitions are
-    assigned, not subscribed, so no consumer group is joined and no offset is committed.
-    """
-    from quixstreams import Application
-
-    from supportsim.kafka.app import connection
-
-    app = Application(
-        broker_address=connection(settings),
-        consumer_group=settings.group(f"supportsim-{purpose}"),
-        auto_offset_reset="earliest",
-        consumer_extra_config={
-            "session.timeout.ms": settings.kafka.session_timeout_ms,
-            "isolation.level": settings.kafka.isolation_level,
-            **BOUNDED_FETCH,
-        },
-        loglevel=None,
-    )
-    return app, app.get_consumer(auto_commit_enable=False)
-
-
-def resolve_topic(app, name: str) -> str:
-    """The broker-side name of a topic (Quix Cloud prefixes names with the workspace id)."""
-    if app.is_quix_app:
-        return app.topic(name, value_deserializer="bytes", key_deserializer="bytes").name
-    return name
-
-
-@dataclass
-class Snapshot:
-    """A topic read from its start (or a time) up to its end as found when reading began.
-
-    The end of each partition is its high watermark when reading starts, raised to the first
-    high watermark a fetch reports (some Kafka-protocol brokers, Tansu among them, answer the
-    offset query with less than the real end). Iterating yields records in no particular
-    order across partitions, and in offset order within one.
-    """
-
-    consumer: Any
-    topic: str
-    since_ms: int | None = None
-    stall_timeout: float = 30.0
-    on_progress: Callable[[int, int], None] | None = None
-    starts: dict[int, int] = field(default_factory=dict)
-    ends: dict[int, int] = field(default_factory=dict)
-    stalled: list[int] = field(default_factory=list)
-    read: int = 0
-
-    def __iter__(self) -> Iterator[Message]:
-        consumer, topic = self.consumer, self.topic
-        metadata = consumer.list_topics(topic, timeout=15)
-        info = metadata.topics.get(topic)
-        if info is None or info.error is not None or not info.partitions:
-            raise ExportError(f"topic {topic!r} does not exist on the broker")
-        partitions = sorted(info.partitions)
-        for p in partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=15)
-            self.starts[p], self.ends[p] = max(low, 0), max(high, 0)
-        assignment = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions]
-        if self.since_ms is not None:
-            wanted = [TopicPartition(topic, p, self.since_ms - CLOCK_SKEW_MS) for p in partitions]
-            for found in consumer.offsets_for_times(wanted, timeout=15):
-                if found.error is None and found.offset >= 0:
-                    assignment[partitions.index(found.partition)].offset = found.offset
-                    self.starts[found.partition] = max(self.starts[found.partition], found.offset)
-        consumer.assign(assignment)
-        pending, observed = set(partitions), set()
-
-        def finish(p: int) -> None:
-            pending.discard(p)
-            consumer.pause([TopicPartition(topic, p)])
-
-        last_input = time.monotonic()
-        try:
-            while pending:
-                batch = consumer.consume(500, 0.5)
-                if not batch:
-                    if time.monotonic() - last_input > self.stall_timeout:
-                        self.stalled = sorted(pending)
-                        logger.warning(
-                            "%s: partitions %s did not reach their end offsets %s in %.0f s "
-                            "(an open transaction?); exporting what was read",
-                            topic,
-                            self.stalled,
-                            [self.ends[p] for p in self.stalled],
-                            self.stall_timeout,
-                        )
-                        return
-                    continue
-                last_input = time.monotonic()
-                for record in batch:
-                    p = record.partition()
-                    if p not in pending:
-                        continue
-                    if p not in observed:
-                        observed.add(p)
-                        _, high = consumer.get_watermark_offsets(
-                            TopicPartition(topic, p), cached=True
-                        )
-                        self.ends[p] = max(self.ends[p], high)
-                    error = record.error()
-                    if error is not None:
-                        if error.code() == KafkaError._PARTITION_EOF:
-                            if record.offset() >= self.ends[p]:
-                                finish(p)
-                            continue
-                        if error.fatal():
-                            raise ExportError(f"reading {topic}: {error}")
-                        logger.warning("reading %s: %s", topic, error)
-                        continue
-                    if record.offset() >= self.ends[p]:
-                        finish(p)  # written after the export started
-                        continue
-                    self.read += 1
-                    yield record
-                    if record.offset() >= self.ends[p] - 1:
-                        finish(p)
-                if self.on_progress is not None:
-                    self.on_progress(self.read, self.total)
-        finally:
-            if self.on_progress is not None:
-                self.on_progress(self.read, max(self.read, self.total))
-
-    @property
-    def total(self) -> int:
-        """Offsets to read across partitions (transaction markers make it an upper bound)."""
-        return sum(max(0, self.ends[p] - self.starts[p]) for p in self.ends)
-
-    def offsets(self) -> dict[str, list[int]]:
-        """Per partition: [first offset, end offset] of what was read."""
-        return {str(p): [self.starts[p], self.ends[p]] for p in sorted(self.ends)}
 
 
 def rejection_reason(error: str) -> str:
@@ -506,6 +360,8 @@ class ExportReport:
     bad_reasons: dict[str, int] = field(default_factory=dict)
     offsets: dict[str, list[int]] = field(default_factory=dict)
     stalled_partitions: list[int] = field(default_factory=list)
+    # per partition: offsets left behind a transaction still open (read_committed readers)
+    held_back: dict[str, int] = field(default_factory=dict)
 
     def describe(self) -> str:
         """A few lines for the terminal."""
@@ -531,6 +387,12 @@ class ExportReport:
                 f"warning: partitions {self.stalled_partitions} stopped short of their end "
                 "(an open transaction?); the export may miss their last messages"
             )
+        if self.held_back:
+            lines.append(
+                f"note: {sum(self.held_back.values())} offsets of partitions "
+                f"{sorted(int(p) for p in self.held_back)} are in transactions still open; "
+                "not exported"
+            )
         return "\n".join(lines)
 
 
@@ -541,52 +403,28 @@ def export(options: ExportOptions, settings: ServiceSettings | None = None) -> E
     formats = parse_formats(",".join(options.formats))
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
-    app, consumer = open_consumer(settings, "export")
     work = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
     store = progress = None
     try:
         store = ConversationStore(work / "spill.sqlite", options.include_failed_endings)
-        progress = ProgressBar(
-            options.progress, f"reading {options.topic or settings.scored_topic}"
-        )
-        topic = resolve_topic(app, options.topic or settings.scored_topic)
-        snapshot = Snapshot(
-            consumer,
-            topic,
-            since_ms=options.since_ms,
-            stall_timeout=options.stall_timeout,
-            on_progress=progress.update,
-        )
-        extras: set[str] = set()
-        bad: Counter[str] = Counter()
-        outside = 0
-        for record in snapshot:
-            parsed = parse_scored(
-                record.value(),
-                service=SERVICE,
-                source_topic=topic,
-                partition=record.partition(),
-                offset=record.offset(),
-                key=record.key(),
+        topic_name = options.topic or settings.scored_topic
+        progress = ProgressBar(options.progress, f"reading {topic_name}")
+        with TopicReader(settings, purpose="export") as reader:
+            reading = reader.read(
+                topic_name,
+                since_ms=None if options.since_ms is None else options.since_ms - CLOCK_SKEW_MS,
+                stall_timeout=options.stall_timeout,
+                on_progress=progress.update,
             )
-            if isinstance(parsed, DeadLetter):
-                bad[rejection_reason(parsed.error)] += 1
-                store.reject(parsed)
-                continue
-            if not options.wants(parsed.conversation_id, parsed.timestamp_ms):
-                outside += 1
-                continue
-            row = message_row(to_json(parsed), record.partition(), record.offset())
-            extras.update(extra_columns(row))
-            store.add(row)
+            extras, bad, outside = _read_rows(reading, store, options)
         progress.close()
         store.summarize()
         complete, incomplete = store.counts()
         report = ExportReport(
             out=out,
-            topic=topic,
+            topic=reading.topic,
             files=[],
-            records_read=snapshot.read,
+            records_read=reading.read,
             complete=complete,
             incomplete=incomplete,
             skipped_incomplete=incomplete if options.complete_only else 0,
@@ -594,8 +432,11 @@ def export(options: ExportOptions, settings: ServiceSettings | None = None) -> E
             outside_filter=outside,
             bad_records=sum(bad.values()),
             bad_reasons=dict(sorted(bad.items(), key=lambda item: (-item[1], item[0]))),
-            offsets=snapshot.offsets(),
-            stalled_partitions=snapshot.stalled,
+            offsets=reading.offsets(),
+            stalled_partitions=reading.stalled,
+            held_back={
+                str(p): count for p, count in reading.held_back.items() if p not in reading.stalled
+            },
         )
         _write_files(store, work, options, formats, sorted(extras), report)
         for name in report.files:
@@ -604,12 +445,43 @@ def export(options: ExportOptions, settings: ServiceSettings | None = None) -> E
             (out / name).unlink(missing_ok=True)  # left by an earlier export with other options
         return report
     finally:
-        consumer.close()
         if progress is not None:
             progress.close()
         if store is not None:
             store.close()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _read_rows(
+    reading: TopicRead, store: ConversationStore, options: ExportOptions
+) -> tuple[set[str], Counter[str], int]:
+    """Spill the rows of a topic read into `store`: (extra columns, bad reasons, outside)."""
+    extras: set[str] = set()
+    bad: Counter[str] = Counter()
+    outside = 0
+    try:
+        for record in reading:
+            parsed = parse_scored(
+                record.value,
+                service=SERVICE,
+                source_topic=reading.topic,
+                partition=record.partition,
+                offset=record.offset,
+                key=record.key,
+            )
+            if isinstance(parsed, DeadLetter):
+                bad[rejection_reason(parsed.error)] += 1
+                store.reject(parsed)
+                continue
+            if not options.wants(parsed.conversation_id, parsed.timestamp_ms):
+                outside += 1
+                continue
+            row = message_row(to_json(parsed), record.partition, record.offset)
+            extras.update(extra_columns(row))
+            store.add(row)
+    except TopicReadError as exc:
+        raise ExportError(str(exc)) from exc
+    return extras, bad, outside
 
 
 def _write_files(
@@ -667,6 +539,7 @@ def _write_files(
         "conversation_filter": len(options.conversations) if options.conversations else None,
         "offsets": report.offsets,
         "stalled_partitions": report.stalled_partitions,
+        "held_back": report.held_back,
         "records_read": report.records_read,
         "bad_records": report.bad_records,
         "bad_reasons": report.bad_reasons,
@@ -762,6 +635,6 @@ def add_export_commands(subparsers) -> None:
         "--stall-timeout",
         type=float,
         default=30.0,
-        help="give up on a partition after N s without data short of its end (default 30)",
+        help="give up on the partitions left after N s without progress (default 30)",
     )
     export_parser.set_defaults(func=cmd_export)

@@ -115,7 +115,7 @@ def _sentiment_preparation(env: dict[str, str]) -> list[str] | None:
 
     if not is_builtin_sentiment_model(env.get("SENTIMENT_MODEL", BUILTIN_SENTIMENT_MODEL)):
         return None
-    return [sys.executable, "-m", "supportsim.sentiment.model", "prepare"]
+    return [sys.executable, "-m", "supportsim.sentiment", "prepare"]
 
 
 def _dashboard_argv(port: int | None) -> list[str]:
@@ -379,31 +379,9 @@ class Stack:
 
 
 def topic_counts(broker_address: str, topics: list[str]) -> dict[str, int]:
-    """Messages in each topic (sum of high watermarks), for progress display."""
-    from confluent_kafka import Consumer, TopicPartition
+    """Offsets used in each topic of the local broker (exact: see `supportsim.kafka.reader`),
+    for progress display; 0 for a topic not created yet."""
+    from supportsim.kafka.reader import count
+    from supportsim.settings import KafkaSettings
 
-    consumer = Consumer(
-        {
-            "bootstrap.servers": broker_address,
-            "group.id": "supportsim-progress",
-            "enable.auto.commit": False,
-        }
-    )
-    try:
-        metadata = consumer.list_topics(timeout=5)
-        counts = {}
-        for name in topics:
-            info = metadata.topics.get(name)
-            if info is None or info.error is not None:
-                counts[name] = 0
-                continue
-            total = 0
-            for partition in info.partitions:
-                low, high = consumer.get_watermark_offsets(
-                    TopicPartition(name, partition), timeout=5, cached=False
-                )
-                total += max(0, high)
-            counts[name] = total
-        return counts
-    finally:
-        consumer.close()
+    return count(topics, kafka=KafkaSettings(broker_address=broker_address), exact=True)

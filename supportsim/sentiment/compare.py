@@ -14,15 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from supportsim.contract.messages import DeadLetter, parse_scored
-from supportsim.datasets.export import (
-    LABELS,
-    SERVICE,
-    ExportError,
-    ProgressBar,
-    Snapshot,
-    open_consumer,
-    resolve_topic,
-)
+from supportsim.datasets.export import LABELS, SERVICE, ExportError, ProgressBar
+from supportsim.kafka.reader import TopicRead, TopicReader, TopicReadError
 from supportsim.settings import ServiceSettings
 
 
@@ -164,14 +157,13 @@ class Comparison:
 
 
 def _load_labels(
-    db: sqlite3.Connection, table: str, consumer, topic: str, progress: ProgressBar, stall: float
+    db: sqlite3.Connection, table: str, reading: TopicRead
 ) -> tuple[int, dict[str, int]]:
     """Read one topic's labels into `table`; return (bad records, messages per sentiment model)."""
     db.execute(
         f"CREATE TABLE {table} (message_id TEXT PRIMARY KEY, label TEXT, score REAL, model TEXT)"
         " WITHOUT ROWID"
     )
-    snapshot = Snapshot(consumer, topic, stall_timeout=stall, on_progress=progress.update)
     bad, models, pending = 0, Counter(), []
 
     def flush() -> None:
@@ -180,14 +172,14 @@ def _load_labels(
         db.execute("COMMIT")
         pending.clear()
 
-    for record in snapshot:
+    for record in reading:
         parsed = parse_scored(
-            record.value(),
+            record.value,
             service=SERVICE,
-            source_topic=topic,
-            partition=record.partition(),
-            offset=record.offset(),
-            key=record.key(),
+            source_topic=reading.topic,
+            partition=record.partition,
+            offset=record.offset,
+            key=record.key,
         )
         if isinstance(parsed, DeadLetter):
             bad += 1
@@ -217,15 +209,16 @@ def compare(
     db.execute("PRAGMA synchronous = OFF")
     try:
         loaded = {}
-        for table, name in (("a", a), ("b", b)):
-            app, consumer = open_consumer(settings, "compare")
-            bar = ProgressBar(progress, f"reading {name}")
-            try:
-                topic = resolve_topic(app, name)
-                loaded[table] = _load_labels(db, table, consumer, topic, bar, stall_timeout)
-            finally:
-                bar.close()
-                consumer.close()
+        with TopicReader(settings, purpose="compare") as reader:
+            for table, name in (("a", a), ("b", b)):
+                bar = ProgressBar(progress, f"reading {name}")
+                try:
+                    reading = reader.read(name, stall_timeout=stall_timeout, on_progress=bar.update)
+                    loaded[table] = _load_labels(db, table, reading)
+                except TopicReadError as exc:
+                    raise ExportError(str(exc)) from exc
+                finally:
+                    bar.close()
         confusion = {
             (label_a, label_b): count
             for label_a, label_b, count in db.execute(

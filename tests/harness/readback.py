@@ -3,92 +3,44 @@
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 
 import redis
-from confluent_kafka import (
-    OFFSET_BEGINNING,
-    Consumer,
-    KafkaError,
-    TopicPartition,
-)
 
-from supportsim.contract.messages import (
-    DeadLetter,
-    new_id,
-)
+from supportsim.contract.messages import DeadLetter
+from supportsim.kafka.reader import Record, TopicMissing, TopicReader
 from supportsim.local.broker import LOCAL_ISOLATION_LEVEL
 from supportsim.local.stack import Stack
-from supportsim.settings import ServiceSettings
+from supportsim.settings import KafkaSettings, ServiceSettings
 from tests.harness.runs import (
     CHECKER,
 )
 
 
-@dataclass(frozen=True)
-class Record:
-    """One Kafka record as read back."""
-
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-
-
 def read_records(
     address: str, topic: str, timeout: float = 60.0, isolation: str = LOCAL_ISOLATION_LEVEL
 ) -> list[Record]:
-    """Every record of `topic` up to its end, in (partition, offset) order.
+    """Every record of `topic` up to its end, in (partition, offset) order; [] if it is missing.
 
-    The default `isolation` reads as the services of the embedded stack do; `read_committed`
-    reads up to the first transaction still open, if any. Each partition is read until the
-    client reports its end (partition EOF): Tansu's ListOffsets answers are not usable as an
-    end (it reported 0 on busy `chat` partitions), so watermarks are not used.
+    Read with the project's bounded reader (`supportsim.kafka.reader`: where it ends, and why,
+    is in its docstring). The default `isolation` reads as the services of the embedded stack
+    do; `read_committed` stops at the first transaction still open, if any. TimeoutError when a
+    partition makes no progress for `timeout` seconds short of its end.
     """
-    consumer = Consumer(
-        {
-            "bootstrap.servers": address,
-            "group.id": f"{CHECKER}-{new_id()}",
-            "enable.auto.commit": False,
-            "enable.partition.eof": True,
-            "isolation.level": isolation,
-            # Tansu holds a fetch for this long even when it has data, and a partition that
-            # transactions touched holds thousands of commit markers (the dead letters'
-            # partition: 3,000 offsets for 44 records); 500 ms each, it would never end
-            "fetch.wait.max.ms": 10,
-        }
-    )
-    try:
-        info = consumer.list_topics(topic, timeout=10).topics.get(topic)
-        if info is None or info.error is not None:
+    kafka = KafkaSettings(broker_address=address)
+    with TopicReader(kafka=kafka, isolation=isolation, purpose=CHECKER) as reader:
+        reading = reader.read(topic, stall_timeout=timeout)
+        try:
+            records = list(reading)
+        except TopicMissing:
             return []
-        pending = set(info.partitions)
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in pending])
-        records: list[Record] = []
-        deadline = time.monotonic() + timeout
-        last_error = None
-        while pending:
-            if time.monotonic() > deadline:
-                positions = consumer.position([TopicPartition(topic, p) for p in sorted(pending)])
-                raise TimeoutError(
-                    f"{topic}: partitions {sorted(pending)} not read to their end (positions "
-                    f"{[(p.partition, p.offset) for p in positions]}, {len(records)} records "
-                    f"read, last error: {last_error})"
-                )
-            for message in consumer.consume(1000, 0.5):
-                if message.error() is not None:
-                    if message.error().code() == KafkaError._PARTITION_EOF:
-                        pending.discard(message.partition())
-                    else:
-                        last_error = message.error()
-                    continue
-                records.append(
-                    Record(message.partition(), message.offset(), message.key(), message.value())
-                )
-        return sorted(records, key=lambda r: (r.partition, r.offset))
-    finally:
-        consumer.close()
+    if reading.stalled:
+        raise TimeoutError(
+            f"{topic}: partitions {reading.stalled} not read to their end (stopped at "
+            f"{[reading.stopped[p] for p in reading.stalled]} of "
+            f"{[reading.ends[p] for p in reading.stalled]}, {len(records)} records read)"
+        )
+    return sorted(records, key=lambda r: (r.partition, r.offset))
 
 
 @dataclass

@@ -11,6 +11,7 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
+from confluent_kafka import Producer
 
 from supportsim.contract.messages import new_id
 from supportsim.datasets.export import ExportOptions, add_export_commands, export
@@ -340,6 +341,36 @@ def test_export_stops_at_the_end_found_at_start_on_a_live_topic(service_env, bro
         stop.set()
         writer.join(10)
     assert report.messages >= 200 and report.stalled_partitions == []
+
+
+def test_a_read_committed_export_leaves_out_an_open_transaction_and_says_so(
+    service_env, broker, prefix, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("KAFKA_ISOLATION_LEVEL", "read_committed")
+    settings = ServiceSettings()
+    create_topics(settings)
+    cid = new_id()
+    committed = [scored(cid, t, 0.2, ts=BASE + t) for t in range(6)]
+    produce_json(broker, settings.scored_topic, committed)
+    txn = Producer({"bootstrap.servers": broker, "transactional.id": f"{prefix}export-open"})
+    txn.init_transactions()
+    txn.begin_transaction()
+    for turn in range(6, 9):
+        message = scored(cid, turn, 0.2, ts=BASE + turn)
+        txn.produce(settings.scored_topic, key=cid.encode(), value=json.dumps(message).encode())
+    txn.flush(10)
+    try:
+        started = time.monotonic()
+        report = export(ExportOptions(out=tmp_path, progress=False, stall_timeout=30))
+        seconds = time.monotonic() - started
+    finally:
+        txn.abort_transaction(10)
+    assert report.messages == 6 and report.stalled_partitions == []
+    assert sum(report.held_back.values()) == 3, report.held_back
+    assert seconds < 20, "the export waited on the open transaction"
+    assert "3 offsets of partitions" in report.describe()
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["held_back"] == report.held_back
 
 
 def test_export_memory_stays_flat_with_10k_messages(service_env, broker, tmp_path):

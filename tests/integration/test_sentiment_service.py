@@ -19,13 +19,14 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Consumer, TopicPartition
 
 from supportsim.contract.messages import MAX_TEXT_CHARS, new_id
 from supportsim.kafka.app import make_app
+from supportsim.kafka.reader import TopicReader
 from supportsim.local.processes import REPO_ROOT
 from supportsim.sentiment.model import BUILTIN_NAME, load_examples
 from supportsim.sentiment.service import SentimentSettings
+from supportsim.settings import KafkaSettings
 from tests.support import ServiceProcess, chat_message, produce, produce_json, read_topic, values
 
 SERVICE = "sentiment_analysis"
@@ -130,23 +131,6 @@ def check_scored(sent: list[dict], scored: list[dict]) -> None:
         assert seen == sorted(seen), (conversation_id, seen)
 
 
-class Watermarks:
-    """Offsets used in a topic so far: records, committed or not, and transaction markers."""
-
-    def __init__(self, broker: str, topic: str):
-        self.consumer = Consumer({"bootstrap.servers": broker, "group.id": f"marks-{new_id()}"})
-        metadata = self.consumer.list_topics(topic, timeout=10).topics[topic]
-        self.partitions = [TopicPartition(topic, p) for p in metadata.partitions]
-
-    def total(self) -> int:
-        """Sum of the partitions' high watermarks, asked of the broker now."""
-        return sum(self.consumer.get_watermark_offsets(p, timeout=10)[1] for p in self.partitions)
-
-    def close(self) -> None:
-        """Close the consumer."""
-        self.consumer.close()
-
-
 def check_clean_exit(service: ServiceProcess) -> None:
     """After SIGTERM the service finished its batch, logged its totals and exited with 0."""
     assert service.process.returncode == 0, service.log()[-3000:]
@@ -180,24 +164,30 @@ def test_kill_9_mid_stream_loses_and_adds_nothing(topics, service_env, broker, t
     sent = conversations(count=20, turns=30, seed=11)
     produce_json(broker, topics.chat_topic, sent)
     expected = {m["message_id"] for m in sent}
-    marks = Watermarks(broker, topics.scored_topic)
-    first = ServiceProcess(SERVICE, service_env, tmp_path).start()
-    try:
-        deadline = time.monotonic() + 120
-        written = 0
-        while written < 64:  # two batches out, the rest still to come
-            assert time.monotonic() < deadline, first.log()[-3000:]
-            assert first.alive(), first.log()[-3000:]
-            time.sleep(0.05)
-            written = marks.total()
-        # kill the moment the next batch's records reach the broker: most likely before its
-        # transaction commits, the case where Tansu shows them and the batch runs again
-        while marks.total() == written and time.monotonic() < deadline:
-            pass
-    finally:
-        first.kill()
-    at_kill = marks.total()
-    marks.close()
+    # offsets written so far (records, committed or not, and transaction markers), read fast:
+    # the offset query alone, which on Tansu moves with each new batch (see kafka.reader)
+    kafka = KafkaSettings(broker_address=broker)
+    with TopicReader(kafka=kafka, isolation="read_uncommitted", purpose="marks") as marks:
+
+        def offsets() -> int:
+            return sum(marks.end_offsets(topics.scored_topic).values())
+
+        first = ServiceProcess(SERVICE, service_env, tmp_path).start()
+        try:
+            deadline = time.monotonic() + 120
+            written = 0
+            while written < 64:  # two batches out, the rest still to come
+                assert time.monotonic() < deadline, first.log()[-3000:]
+                assert first.alive(), first.log()[-3000:]
+                time.sleep(0.05)
+                written = offsets()
+            # kill the moment the next batch's records reach the broker: most likely before its
+            # transaction commits, the case where Tansu shows them and the batch runs again
+            while offsets() == written and time.monotonic() < deadline:
+                pass
+        finally:
+            first.kill()
+        at_kill = offsets()
     print(f"\nkilled at {at_kill} of ~{len(sent)} offsets written (was {written} before)")
     assert at_kill < len(sent), "the service finished before the kill: nothing was tested"
     second = ServiceProcess(SERVICE, service_env, tmp_path).start()
