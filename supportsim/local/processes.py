@@ -32,8 +32,13 @@ def wait_for_port(port: int, timeout: float, process: subprocess.Popen | None = 
     raise StackError(f"nothing listens on port {port} after {timeout:.0f} s")
 
 
-def spawn(argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Start a process in its own process group, its output appended to `log_path`."""
+def spawn(
+    argv: list[str], log_path: Path, env: dict[str, str] | None = None, nice: int = 0
+) -> subprocess.Popen:
+    """Start a process in its own process group, its output appended to `log_path`.
+
+    `nice` lowers its CPU priority by that much (0: as ours), for work that may wait for cores.
+    """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         return subprocess.Popen(
@@ -44,6 +49,7 @@ def spawn(argv: list[str], log_path: Path, env: dict[str, str] | None = None) ->
             env={**os.environ, **(env or {})},
             start_new_session=True,
             cwd=REPO_ROOT,
+            preexec_fn=(lambda: os.nice(nice)) if nice else None,
         )
 
 

@@ -66,6 +66,7 @@ class ServiceSpec:
     port_variable: str | None = None  # gets a free port, and `up` prints the URL
     # a command run to completion before the first replica starts (None: nothing to prepare)
     prepare: Callable[[dict[str, str]], list[str] | None] | None = None
+    nice: int = 0  # lower CPU priority: the bots come first when the cores are all busy
 
     def argv(self, port: int | None = None) -> list[str]:
         """The command line of one replica."""
@@ -127,16 +128,21 @@ def _dashboard_argv(port: int | None) -> list[str]:
 # llama.cpp threads per bot process unless LLM_N_THREADS is set: the bot replicas share the cores
 DEFAULT_BOT_THREADS = 1
 
+# the services downstream of the bots wait for cores (they catch up while the bots generate)
+PIPELINE_NICE = 10
+
 # Every service `up` can start; it starts those whose folder exists in this checkout. One bot
 # replica per side: the fastest layout measured on 2 cores (bench/bots.py --sweep, README).
 SERVICES: list[ServiceSpec] = [
-    ServiceSpec("sentiment_analysis", replicas=1, prepare=_sentiment_preparation),
-    ServiceSpec("redis_aggregator", replicas=1),
+    ServiceSpec(
+        "sentiment_analysis", replicas=1, prepare=_sentiment_preparation, nice=PIPELINE_NICE
+    ),
+    ServiceSpec("redis_aggregator", replicas=1, nice=PIPELINE_NICE),
     ServiceSpec("ai_support_agent", replicas=1),
     ServiceSpec("ai_customer", replicas=1),
     ServiceSpec("conversation_starter", replicas=1, job=True),
-    ServiceSpec("dataset_sink", enabled=lambda env: _needs(env, "DATASET_DIR")),
-    ServiceSpec("influx_sink", enabled=lambda env: _influx_configured(env)),
+    ServiceSpec("dataset_sink", enabled=lambda env: _needs(env, "DATASET_DIR"), nice=PIPELINE_NICE),
+    ServiceSpec("influx_sink", enabled=lambda env: _influx_configured(env), nice=PIPELINE_NICE),
     ServiceSpec("dashboard", launcher=_dashboard_argv, port_variable="DASHBOARD_PORT"),
 ]
 
@@ -162,7 +168,7 @@ class Replica:
 
     def start(self) -> None:
         """Start (or restart) this replica."""
-        self.process = spawn(self.spec.argv(self.port), self.log_path, self.env)
+        self.process = spawn(self.spec.argv(self.port), self.log_path, self.env, self.spec.nice)
 
     def alive(self) -> bool:
         """True while the process runs."""
