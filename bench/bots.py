@@ -36,9 +36,9 @@ import redis
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from supportsim.contract.messages import new_id  # noqa: E402
-from supportsim.local.stack import DEFAULT_BOT_THREADS, Stack, topic_counts  # noqa: E402  # noqa: E402
+from supportsim.local.stack import DEFAULT_BOT_THREADS, Stack, topic_counts  # noqa: E402
 from supportsim.settings import RedisSettings  # noqa: E402
-from tests.harness.readback import read_records  # noqa: E402  # noqa: E402
+from tests.harness.readback import read_records  # noqa: E402
 
 START_TIMEOUT_S = 1800  # model assembly and the sentiment model's first training included
 

@@ -44,7 +44,7 @@ from confluent_kafka import Producer
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from supportsim.contract.messages import new_id, now_ms  # noqa: E402
-from supportsim.kafka.app import make_app  # noqa: E402  # noqa: E402
+from supportsim.kafka.app import make_app  # noqa: E402
 from supportsim.kafka.batch_loop import BatchLoop  # noqa: E402
 from supportsim.kafka.reader import TopicReader  # noqa: E402
 from supportsim.kafka.reader import count as count_offsets  # noqa: E402

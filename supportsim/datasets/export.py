@@ -34,7 +34,7 @@ from itertools import groupby
 from pathlib import Path
 from typing import Any
 
-from supportsim.contract.messages import DeadLetter, parse_scored, to_json
+from supportsim.contract.messages import DeadLetter, ScoredMessage, parse_scored, to_json
 from supportsim.datasets.rows import (
     COMPLETE_COLUMN,
     CONVERSATION_COLUMNS,
@@ -46,7 +46,7 @@ from supportsim.datasets.rows import (
     summarize,
 )
 from supportsim.datasets.writers import JsonlRows, open_writers
-from supportsim.kafka.reader import TopicRead, TopicReader, TopicReadError
+from supportsim.kafka.reader import Record, TopicRead, TopicReader, TopicReadError
 from supportsim.settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
@@ -452,6 +452,22 @@ def export(options: ExportOptions, settings: ServiceSettings | None = None) -> E
         shutil.rmtree(work, ignore_errors=True)
 
 
+def scored_records(reading: TopicRead) -> Iterator[tuple[Record, ScoredMessage | DeadLetter]]:
+    """Each record of a topic read with its parsed scored message, or the dead letter it makes."""
+    for record in reading:
+        yield (
+            record,
+            parse_scored(
+                record.value,
+                service=SERVICE,
+                source_topic=reading.topic,
+                partition=record.partition,
+                offset=record.offset,
+                key=record.key,
+            ),
+        )
+
+
 def _read_rows(
     reading: TopicRead, store: ConversationStore, options: ExportOptions
 ) -> tuple[set[str], Counter[str], int]:
@@ -460,15 +476,7 @@ def _read_rows(
     bad: Counter[str] = Counter()
     outside = 0
     try:
-        for record in reading:
-            parsed = parse_scored(
-                record.value,
-                service=SERVICE,
-                source_topic=reading.topic,
-                partition=record.partition,
-                offset=record.offset,
-                key=record.key,
-            )
+        for record, parsed in scored_records(reading):
             if isinstance(parsed, DeadLetter):
                 bad[rejection_reason(parsed.error)] += 1
                 store.reject(parsed)

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from supportsim.contract.messages import DeadLetter, parse_scored
-from supportsim.datasets.export import LABELS, SERVICE, ExportError, ProgressBar
+from supportsim.contract.messages import DeadLetter
+from supportsim.datasets.export import LABELS, ExportError, ProgressBar, scored_records
 from supportsim.kafka.reader import TopicRead, TopicReader, TopicReadError
 from supportsim.settings import ServiceSettings
 
@@ -172,15 +172,7 @@ def _load_labels(
         db.execute("COMMIT")
         pending.clear()
 
-    for record in reading:
-        parsed = parse_scored(
-            record.value,
-            service=SERVICE,
-            source_topic=reading.topic,
-            partition=record.partition,
-            offset=record.offset,
-            key=record.key,
-        )
+    for _record, parsed in scored_records(reading):
         if isinstance(parsed, DeadLetter):
             bad += 1
             continue
