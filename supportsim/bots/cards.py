@@ -65,10 +65,16 @@ class Card:
     def describe(self) -> str:
         """The card as lines of the customer's prompt."""
         facts = "; ".join(f"{label}: {value}" for label, value in self.facts.items())
-        return (
-            f"What you know (tell it when the agent asks, one or two facts at a time): {facts}.\n"
-            f"What you want: {self.wants}. What you will not accept: {self.refuses}."
-        )
+        know, want, refuse = CARD_LABEL_PARTS
+        return f"{know}: {facts}.\n{want}: {self.wants}. {refuse}: {self.refuses}."
+
+
+CARD_LABEL_PARTS = (
+    "What you know (tell it when the agent asks, one or two facts at a time)",
+    "What you want",
+    "What you will not accept",
+)
+CARD_LABELS = ". ".join(CARD_LABEL_PARTS)  # the card's own words, without its facts
 
 
 @dataclass(frozen=True)

@@ -220,7 +220,7 @@ def without_copied_sentences(text: str, earlier_texts: Iterable[str]) -> str:
         for sentence in _SENTENCE_END.split(line.strip())
         if len(normalise(sentence).split()) >= MIN_FUZZY_WORDS
     ]
-    return _without_sentences(
+    return without_sentences(
         text,
         lambda sentence: (
             len(normalise(sentence).split()) >= MIN_FUZZY_WORDS
@@ -237,10 +237,10 @@ def without_cue_sentences(text: str, cue: str) -> str:
     :data:`MIN_COPIED_CUE_RUN` words with `cue` is dropped (:func:`copies_words_of`). Returns ""
     when every sentence copies the cue.
     """
-    return _without_sentences(text, lambda sentence: copies_words_of(sentence, cue))
+    return without_sentences(text, lambda sentence: copies_words_of(sentence, cue))
 
 
-def _without_sentences(text: str, dropped: Callable[[str], bool]) -> str:
+def without_sentences(text: str, dropped: Callable[[str], bool]) -> str:
     """`text` without its sentences for which `dropped` is true, separators kept as they were."""
     parts = re.split(f"({_SENTENCE_END.pattern})", text.strip())
     kept = [

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from langchain_core.messages import BaseMessage
 
+from supportsim.bots.cards import CARD_LABELS
 from supportsim.bots.decisions import (
     MAX_REPLY_CHARS,
     MalformedDecisionError,
@@ -28,6 +29,7 @@ from supportsim.bots.loops import (
     is_near_duplicate,
     without_copied_sentences,
     without_cue_sentences,
+    without_sentences,
 )
 from supportsim.bots.memory import bounded_messages
 from supportsim.bots.models import AssemblyProgress
@@ -99,6 +101,7 @@ class TurnView:
     first: bool
     phrases: Phrases
     duplicate_threshold: float
+    instructions: str = ""  # the bot's own standing instructions, which it must never say
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,13 @@ CHECKS: tuple[Check, ...] = (
         ),
     ),
     Check("copies_cue", ("customer", "agent"), 2, lambda r, v: copies_words_of(r.text, v.cue)),
+    Check(
+        "copies_instructions",
+        ("customer",),
+        2,
+        # the model's own words: a recital is cut from the text, but the attempt is still retried
+        lambda r, v: recites_instructions(r.raw_text or r.text, v.instructions),
+    ),
 )
 
 
@@ -165,6 +175,26 @@ def _turn_flags(
         "first": role == "customer" and spoken == 0,
         "impatient": patience_spent(role, history, persona) and not offered,
     }
+
+
+def own_instructions(scenario: Scenario, role: Role, persona: Persona) -> str:
+    """What the customer's prompt tells it to do, none of which it should ever say.
+
+    The system prompt's shared rules (all but its last paragraph, the persona; the card's labels
+    are checked apart, see :func:`recites_instructions`): a small model now and then writes them
+    out as a line of the chat. The card's facts are left out, since the customer repeats those
+    on purpose. The agent's rules name its remedies, which it does say: "" for the agent.
+    """
+    if role != "customer":
+        return ""
+    return scenario.system_prompt(role, persona).rsplit("\n\n", 1)[0]
+
+
+def recites_instructions(text: str, instructions: str) -> bool:
+    """True when `text` copies a run of its bot's `instructions` or a label of the card."""
+    if not instructions:
+        return False
+    return copies_words_of(text, instructions) or copies_words_of(text, CARD_LABELS, run=3)
 
 
 def patience_spent(role: Role, history: Sequence[Mapping[str, Any]], persona: Persona) -> bool:
@@ -281,6 +311,7 @@ def generate_turn(
         return _bounded_prompt(llm, scenario, persona, role, lines, cue)
 
     stop = stop_sequences(role, persona, scenario.directions)
+    instructions = own_instructions(scenario, role, persona)
     labels = own_labels(role, persona, scenario.directions)
     recent = [str(line["text"]) for line in history[-RECENT_LINES:]]
     config = llm.config
@@ -289,7 +320,9 @@ def generate_turn(
         """The check an attempt fails (it is generated again), or None when it is fine."""
         if not reply.text:
             return EMPTY
-        view = TurnView(role, recent, cue, flags["first"], scenario.phrases, duplicate_threshold)
+        view = TurnView(
+            role, recent, cue, flags["first"], scenario.phrases, duplicate_threshold, instructions
+        )
         return failed_check(reply, view)
 
     def attempt(messages: list[BaseMessage], cue: str, **sampling: Any) -> Completion:
@@ -310,9 +343,14 @@ def generate_turn(
         # reply that is nothing but an echo stays whole, for `problem` to see
         text = without_copied_sentences(reply.text, recent) or reply.text
         text = without_cue_sentences(text, cue) or text
+        if instructions:
+            text = (
+                without_sentences(text, lambda line: recites_instructions(line, instructions))
+                or text
+            )
         if text != reply.text:
             logger.debug("%s reply: dropped sentences copied from earlier lines or its cue", role)
-            return replace(reply, text=text)
+            return replace(reply, text=text, raw_text=reply.raw_text or reply.text)
         return reply
 
     cue = reminder()

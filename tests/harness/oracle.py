@@ -18,15 +18,10 @@ from supportsim.contract.messages import (
     parse_scored,
 )
 from supportsim.contract.protocol import successor_id
+from supportsim.kafka.reader import Record
 from supportsim.local.stack import Stack
 from supportsim.settings import ServiceSettings
-from tests.harness.readback import (
-    Record,
-    RedisState,
-    Snapshot,
-    read_records,
-    snapshot,
-)
+from tests.harness.readback import RedisState, Snapshot, read_records, snapshot
 from tests.harness.runs import (
     CHECKER,
     RunConfig,

@@ -26,6 +26,7 @@ from supportsim.contract.live_view import (
     Pipeline,
     PipelinePoint,
     SeriesPoint,
+    encode,
 )
 from supportsim.contract.messages import new_id, now_ms
 from supportsim.contract.redis_keys import RedisKeys, clear_prefix
@@ -33,7 +34,8 @@ from supportsim.kafka.app import make_app
 from supportsim.live.store import DashboardStore
 from supportsim.local.processes import free_port, spawn, stop_process, wait_for_port
 from supportsim.settings import ServiceSettings
-from supportsim.sinks.live_view import ConversationSink, Limits, encode
+from supportsim.sinks.live_folds import Limits
+from supportsim.sinks.live_view import ConversationSink
 from tests.support import ServiceProcess, produce, produce_json, read_topic, values
 
 RETENTION_S = 3600

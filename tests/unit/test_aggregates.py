@@ -5,18 +5,16 @@ import random
 import orjson
 import pytest
 
+from supportsim.contract.live_view import encode
 from supportsim.contract.messages import ScoredMessage, new_id
 from supportsim.contract.redis_keys import RedisKeys
-from supportsim.sinks.live_view import (
-    AggregatorSettings,
+from supportsim.sinks.live_folds import (
     Folded,
     Limits,
-    RedisSink,
     Reject,
     Skip,
     dead_letter_time,
     empty_pipeline,
-    encode,
     ended_marker,
     fleet_view,
     fold_chat,
@@ -27,6 +25,7 @@ from supportsim.sinks.live_view import (
     pipeline_view,
     series_view,
 )
+from supportsim.sinks.live_view import AggregatorSettings, RedisSink
 from tests.support import chat_message
 
 LIMITS = Limits(recent_messages=3, retention_ms=60_000, bucket_ms=10_000, buckets=4, sentiments=5)

@@ -30,21 +30,19 @@ from supportsim.live.sample import sample_conversation, sample_fleet
 from supportsim.live.store import Snapshot
 from supportsim.live.views import headline, transcript, wall_tile
 from supportsim.local.processes import REPO_ROOT
-from supportsim.sinks.live_view import (
+from supportsim.sinks.live_folds import (
     Folded,
     Limits,
-    conversation_value,
     empty_pipeline,
-    fleet_values,
     fleet_view,
     fold_chat,
     fold_contribution,
     fold_dead_letter,
     fold_message,
-    pipeline_value,
     pipeline_view,
     series_view,
 )
+from supportsim.sinks.live_view import conversation_value, fleet_values, pipeline_value
 from tests.support import chat_message
 
 T0 = 1_800_000_000_000  # a whole number of buckets (of 10 s and of 30 s)

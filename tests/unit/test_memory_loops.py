@@ -762,3 +762,50 @@ def test_every_attempt_empty_is_an_error():
     persona = Persona("Dana Reyes", "angry", "laptop", "Sam")
     with pytest.raises(EmptyReplyError, match="3 times"):
         generate_turn(llm, load_scenario(), persona, "agent", [{"role": "agent", "text": "Hi"}])
+
+
+LEAK = (
+    "I still want my money back. Push back on vague answers: ask what exactly will happen next "
+    "and when. Say no to what you will not accept.\nWhat you want:\na full refund"
+)
+
+
+def test_a_customer_line_that_recites_its_instructions_is_retried():
+    fresh = "Which refund do you mean, and when will it reach my account?"
+    llm = ScriptedLLM([LEAK, fresh])
+    history = [
+        {"role": "agent", "text": "Hello, Sam here. How can I help?"},
+        {"role": "customer", "text": "My laptop will not start. I want a refund."},
+        {"role": "agent", "text": "We will look into it."},
+    ]
+    persona = Persona("Dana Reyes", "angry", "laptop", "Sam")
+    reply = generate_turn(llm, load_scenario(), persona, "customer", history)
+    assert (reply.text, reply.attempts) == (fresh, 2)
+
+
+def test_a_recital_of_instructions_that_every_attempt_makes_is_cut_from_the_line_kept():
+    llm = ScriptedLLM([LEAK, LEAK, LEAK])
+    history = [
+        {"role": "agent", "text": "Hello, Sam here. How can I help?"},
+        {"role": "customer", "text": "My laptop will not start. I want a refund."},
+        {"role": "agent", "text": "We will look into it."},
+    ]
+    persona = Persona("Dana Reyes", "angry", "laptop", "Sam")
+    reply = generate_turn(llm, load_scenario(), persona, "customer", history)
+    assert reply.text.startswith("I still want my money back.")
+    assert "push back" not in reply.text.lower() and "what you" not in reply.text.lower()
+
+
+def test_the_agent_may_use_the_words_of_its_own_instructions():
+    # the agent's rules name its remedies, which it says on purpose: no instruction check
+    scenario = load_scenario()
+    persona = Persona("Dana Reyes", "angry", "laptop", "Sam")
+    rules = scenario.system_prompt("agent", persona).rsplit("\n\n", 1)[0]
+    line = " ".join(rules.split()[:12])  # a run of the rules, word for word
+    llm = ScriptedLLM([line])
+    history = [
+        {"role": "agent", "text": "Hello, Sam here. How can I help?"},
+        {"role": "customer", "text": "My laptop will not start. I want a refund."},
+    ]
+    reply = generate_turn(llm, scenario, persona, "agent", history)
+    assert reply.attempts == 1
