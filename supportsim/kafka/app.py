@@ -13,14 +13,13 @@ from quixstreams.models import Row
 from supportsim.kafka.dead_letters import DeadLetterWriter, is_bad_input, send_dead_letter
 from supportsim.kafka.producers import fence_predecessor
 from supportsim.kafka.topics import Topics, declare_topics
-from supportsim.settings import ServiceSettings
+from supportsim.settings import KafkaSettings, ServiceSettings
 
 logger = logging.getLogger(__name__)
 
 
-def connection(settings: ServiceSettings) -> ConnectionConfig | None:
+def connection(kafka: KafkaSettings) -> ConnectionConfig | None:
     """The broker connection; None on Quix Cloud, where Quix Streams reads its own token."""
-    kafka = settings.kafka
     if kafka.on_quix_cloud:
         return None
     return ConnectionConfig(
@@ -66,7 +65,7 @@ def make_app(
         return True
 
     app = Application(
-        broker_address=connection(settings),
+        broker_address=connection(settings.kafka),
         consumer_group=group_name,
         auto_offset_reset=settings.auto_offset_reset,
         commit_interval=settings.commit_interval,

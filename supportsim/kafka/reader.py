@@ -101,13 +101,6 @@ class Record:
     timestamp_ms: int | None = None  # the Kafka timestamp; None where the broker has none
 
 
-@dataclass(frozen=True)
-class _Connection:
-    """What :func:`supportsim.kafka.app.connection` reads of a settings object."""
-
-    kafka: KafkaSettings
-
-
 class TopicReader:
     """A consumer for bounded reads of topics; use it as a context manager (it closes the consumer).
 
@@ -137,7 +130,7 @@ class TopicReader:
         from supportsim.kafka.app import connection
 
         self._app = Application(
-            broker_address=connection(_Connection(self.kafka)),  # type: ignore[arg-type]
+            broker_address=connection(self.kafka),
             consumer_group=self.group,
             auto_offset_reset="earliest",
             consumer_extra_config={

@@ -39,7 +39,7 @@ def test_sasl_and_tls_options_reach_the_connection(monkeypatch):
     monkeypatch.setenv("KAFKA_SASL_USERNAME", "user")
     monkeypatch.setenv("KAFKA_SASL_PASSWORD", "s3cret-value")
     monkeypatch.setenv("KAFKA_SSL_CA_LOCATION", "/etc/ca.pem")
-    config = connection(ServiceSettings()).as_librdkafka_dict()
+    config = connection(ServiceSettings().kafka).as_librdkafka_dict()
     assert config["bootstrap.servers"] == "broker:9093"
     assert config["security.protocol"] == "sasl_ssl"
     assert config["sasl.mechanism"] == "SCRAM-SHA-256"
@@ -51,7 +51,7 @@ def test_sasl_and_tls_options_reach_the_connection(monkeypatch):
 def test_quix_cloud_token_lets_quix_streams_connect(monkeypatch):
     monkeypatch.setenv("Quix__Sdk__Token", "sdk-token")
     assert KafkaSettings().on_quix_cloud
-    assert connection(ServiceSettings()) is None
+    assert connection(ServiceSettings().kafka) is None
 
 
 def test_redis_url_is_secret_in_repr(monkeypatch):
