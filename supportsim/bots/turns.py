@@ -177,8 +177,8 @@ def _turn_flags(
     }
 
 
-def own_instructions(scenario: Scenario, role: Role, persona: Persona) -> str:
-    """What the customer's prompt tells it to do, none of which it should ever say.
+def own_instructions(role: Role, system_prompt: str) -> str:
+    """What the customer's `system_prompt` tells it to do, none of which it should ever say.
 
     The system prompt's shared rules (all but its last paragraph, the persona; the card's labels
     are checked apart, see :func:`recites_instructions`): a small model now and then writes them
@@ -187,7 +187,7 @@ def own_instructions(scenario: Scenario, role: Role, persona: Persona) -> str:
     """
     if role != "customer":
         return ""
-    return scenario.system_prompt(role, persona).rsplit("\n\n", 1)[0]
+    return system_prompt.rsplit("\n\n", 1)[0]
 
 
 def recites_instructions(text: str, instructions: str) -> bool:
@@ -211,9 +211,10 @@ def _bounded_prompt(
     role: Role,
     lines: Sequence[Mapping[str, Any]],
     cue: str,
+    system_prompt: str,
 ) -> list[BaseMessage]:
     return bounded_messages(
-        scenario.system_prompt(role, persona),
+        system_prompt,
         lines,
         role,
         token_counter=llm.count_tokens,
@@ -235,7 +236,8 @@ def turn_prompt(
     """The messages of a turn's first attempt, as :func:`generate_turn` sends them."""
     flags = _turn_flags(role, history, persona, scenario.phrases)
     cue = scenario.turn_reminder(role, persona, structured=structured, **flags)
-    return _bounded_prompt(llm, scenario, persona, role, history, cue)
+    system = scenario.system_prompt(role, persona)
+    return _bounded_prompt(llm, scenario, persona, role, history, cue, system)
 
 
 def attempt_seed(seed_key: str, attempt: int, base_seed: int = -1) -> int | None:
@@ -307,11 +309,13 @@ def generate_turn(
     def reminder(hints: Sequence[str] = ()) -> str:
         return scenario.turn_reminder(role, persona, hints=hints, structured=structured, **flags)
 
+    system = scenario.system_prompt(role, persona)  # rendered once per turn, not per attempt
+
     def prompt(cue: str, lines: Sequence[Mapping[str, Any]] = history) -> list[BaseMessage]:
-        return _bounded_prompt(llm, scenario, persona, role, lines, cue)
+        return _bounded_prompt(llm, scenario, persona, role, lines, cue, system)
 
     stop = stop_sequences(role, persona, scenario.directions)
-    instructions = own_instructions(scenario, role, persona)
+    instructions = own_instructions(role, system)
     labels = own_labels(role, persona, scenario.directions)
     recent = [str(line["text"]) for line in history[-RECENT_LINES:]]
     config = llm.config
