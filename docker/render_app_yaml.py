@@ -209,20 +209,30 @@ def text(value: Any) -> str | None:
     return str(value)
 
 
-def image_env(service: str) -> dict[str, str]:
-    """The ENV values of the final stage of a service's dockerfile."""
-    lines, pending = [], ""
-    for raw in (REPO / service / "dockerfile").read_text(encoding="utf-8").splitlines():
+def dockerfile_lines(path: Path) -> list[str]:
+    """The instructions of a dockerfile, one line each: continuations joined, comments dropped."""
+    logical: list[str] = []
+    pending = ""
+    for raw in path.read_text(encoding="utf-8").splitlines():
         line = raw.strip()
-        if not line or line.startswith("#"):
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if pending and line.startswith("#"):
             continue
         if line.endswith("\\"):
             pending += line[:-1] + " "
             continue
-        lines.append(pending + line)
+        logical.append(pending + line)
         pending = ""
+    if pending:
+        logical.append(pending)
+    return logical
+
+
+def image_env(service: str) -> dict[str, str]:
+    """The ENV values of the final stage of a service's dockerfile."""
     env: dict[str, str] = {}
-    for line in lines:
+    for line in dockerfile_lines(REPO / service / "dockerfile"):
         keyword, _, rest = line.partition(" ")
         if keyword.upper() == "FROM":
             env = {}

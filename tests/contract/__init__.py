@@ -15,6 +15,7 @@ read, which topics it uses. This module holds the shared readers:
 from __future__ import annotations
 
 import ast
+import importlib.util
 import re
 import shlex
 import sys
@@ -26,6 +27,18 @@ from typing import Any
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
+RENDERER = REPO / "docker" / "render_app_yaml.py"
+
+
+@cache
+def renderer():
+    """docker/render_app_yaml.py as a module (it is a script, not part of a package)."""
+    spec = importlib.util.spec_from_file_location("render_app_yaml", RENDERER)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
 
 # The final layout (DESIGN.md section 3 and the deployment issue): one folder per service, plus
 # any other top-level folder with a main.py (a new service must be deployable too).
@@ -547,23 +560,8 @@ class Dockerfile:
 
 def parse_dockerfile(path: Path) -> Dockerfile:
     """Split a Dockerfile into stages and instructions (continuations joined, comments dropped)."""
-    logical: list[str] = []
-    pending = ""
-    for raw in path.read_text(encoding="utf-8").splitlines():
-        line = raw.strip()
-        if not pending and (not line or line.startswith("#")):
-            continue
-        if pending and line.startswith("#"):
-            continue
-        if line.endswith("\\"):
-            pending += line[:-1] + " "
-            continue
-        logical.append(pending + line)
-        pending = ""
-    if pending:
-        logical.append(pending)
     stages: list[Stage] = []
-    for line in logical:
+    for line in renderer().dockerfile_lines(path):
         keyword, _, rest = line.partition(" ")
         keyword = keyword.upper()
         flags = {}

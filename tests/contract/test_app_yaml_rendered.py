@@ -14,35 +14,23 @@ a `docker build` (neither runs on the build machines).
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import re
 import subprocess
 import sys
 import tomllib
-from functools import cache
 
 import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from pydantic import Field
 
-from tests.contract import REPO, SERVICES, code_index, service_dockerfile
+from tests.contract import RENDERER, REPO, SERVICES, code_index, renderer, service_dockerfile
 from tests.contract.test_dockerfile_contract import run_segments
 
-RENDERER = REPO / "docker" / "render_app_yaml.py"
 CONSTRAINTS = "docker/constraints.txt"
 # the bot image's model stage installs the 22 model chunks by the version that goes with their
 # SHA-256 in supportsim/bots/models.py (test_dockerfile_contract checks the two agree)
 MODEL_STAGE = "model"
-
-
-@cache
-def renderer():
-    spec = importlib.util.spec_from_file_location("render_app_yaml", RENDERER)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 # ---------------------------------------------------------------------------------------------
