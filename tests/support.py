@@ -12,7 +12,7 @@ from pathlib import Path
 
 from confluent_kafka import Consumer, Producer
 
-from supportsim.contract.messages import new_id, now_ms
+from supportsim.contract.messages import ScoredMessage, new_id, now_ms
 from supportsim.local.broker import LOCAL_ISOLATION_LEVEL
 from supportsim.local.processes import REPO_ROOT, spawn, stop_process
 
@@ -103,6 +103,21 @@ def chat_message(conversation_id: str | None = None, turn: int = 0, **overrides)
     }
     message.update(overrides)
     return message
+
+
+def scored_message(conversation_id: str, turn: int, score: float, **overrides) -> dict:
+    """A valid `chat-scored` message as the aggregator receives it (validated, then dumped).
+
+    Its sentiment label follows the score: positive above 0.3, negative below -0.3.
+    """
+    message = chat_message(conversation_id, turn=turn)
+    message["sentiment"] = {
+        "label": "positive" if score > 0.3 else "negative" if score < -0.3 else "neutral",
+        "score": score,
+        "model": "test",
+    }
+    message.update(overrides)
+    return ScoredMessage.model_validate(message).model_dump(mode="json")
 
 
 class ServiceProcess:

@@ -6,7 +6,7 @@ import orjson
 import pytest
 
 from supportsim.contract.live_view import encode
-from supportsim.contract.messages import ScoredMessage, new_id
+from supportsim.contract.messages import new_id
 from supportsim.contract.redis_keys import RedisKeys
 from supportsim.sinks.live_folds import (
     Folded,
@@ -26,7 +26,7 @@ from supportsim.sinks.live_folds import (
     series_view,
 )
 from supportsim.sinks.live_view import AggregatorSettings, RedisSink
-from tests.support import chat_message
+from tests.support import chat_message, scored_message
 
 LIMITS = Limits(recent_messages=3, retention_ms=60_000, bucket_ms=10_000, buckets=4, sentiments=5)
 T0 = 1_800_000_000_000  # a whole number of buckets
@@ -38,15 +38,10 @@ def about(value: float):
 
 
 def scored(conversation_id: str, turn: int, score: float = 0.5, **overrides) -> dict:
-    """A valid scored message as the aggregator receives it."""
-    message = chat_message(conversation_id, turn=turn, timestamp_ms=T0 + turn * 1000)
-    message["sentiment"] = {
-        "label": "positive" if score > 0.3 else "negative" if score < -0.3 else "neutral",
-        "score": score,
-        "model": "test",
-    }
-    message.update(overrides)
-    return ScoredMessage.model_validate(message).model_dump(mode="json")
+    """A valid scored message as the aggregator receives it, a second apart per turn."""
+    return scored_message(
+        conversation_id, turn, score, **{"timestamp_ms": T0 + turn * 1000, **overrides}
+    )
 
 
 def fold_all(messages: list[dict], limits: Limits = LIMITS) -> tuple[dict, list[dict]]:

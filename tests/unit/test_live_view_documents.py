@@ -43,7 +43,7 @@ from supportsim.sinks.live_folds import (
     series_view,
 )
 from supportsim.sinks.live_view import conversation_value, fleet_values, pipeline_value
-from tests.support import chat_message
+from tests.support import scored_message
 
 T0 = 1_800_000_000_000  # a whole number of buckets (of 10 s and of 30 s)
 CARD = {
@@ -59,15 +59,8 @@ CARD = {
 
 
 def scored(cid: str, turn: int, score: float, *, step_ms: int = 1000, **overrides) -> dict:
-    """A valid scored message as the aggregator receives it (validated, then dumped)."""
-    message = chat_message(cid, turn=turn, timestamp_ms=T0 + turn * step_ms)
-    message["sentiment"] = {
-        "label": "positive" if score > 0.3 else "negative" if score < -0.3 else "neutral",
-        "score": score,
-        "model": "test",
-    }
-    message.update(overrides)
-    return ScoredMessage.model_validate(message).model_dump(mode="json")
+    """A valid scored message as the aggregator receives it, `step_ms` apart per turn."""
+    return scored_message(cid, turn, score, **{"timestamp_ms": T0 + turn * step_ms, **overrides})
 
 
 def conversation_messages(cid: str, turns: int, *, ends: bool, step_ms: int = 1000) -> list[dict]:
