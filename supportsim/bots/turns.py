@@ -267,8 +267,9 @@ def generate_turn(
     """The next line of `role` in a conversation with `persona`, given its `history` so far.
 
     `history` is the plain conversation history ({"role", "text"} dicts, oldest first).
-    Sentences of a reply that copy earlier lines are dropped when the model added something of
-    its own (a small model often echoes the other side first). When an attempt is still empty,
+    Sentences of a reply that copy earlier lines, and a customer's sentences in the helper's
+    voice, are dropped when the model wrote something else of its own (a small model often
+    echoes the other side first, or slips into "How can I help?"). When an attempt is still empty,
     repeats a recent line, copies words of its stage direction, or (for the customer) speaks
     like the agent or says goodbye in its first message, generation is retried
     (``LLM_RETRIES`` times at most, 2 by default) with hotter sampling each time, a new seed
@@ -352,6 +353,9 @@ def generate_turn(
                 without_sentences(text, lambda line: recites_instructions(line, instructions))
                 or text
             )
+        if role == "customer":
+            # a customer line with a helper's phrase in it keeps the customer's own sentences
+            text = without_sentences(text, scenario.phrases.sounds_like_agent) or text
         if text != reply.text:
             logger.debug("%s reply: dropped sentences copied from earlier lines or its cue", role)
             return replace(reply, text=text, raw_text=reply.raw_text or reply.text)

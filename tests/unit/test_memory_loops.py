@@ -628,8 +628,20 @@ def test_a_customer_speaking_like_the_agent_is_retried():
     assert "ask for help, do not offer it" in str(llm.prompts[1][-1].content)
 
 
+def test_a_customer_line_keeps_its_own_sentences_and_drops_the_helpers_without_a_retry():
+    mixed = "Thank you for reaching out. My laptop is still dead, Sam. When do I get my refund?"
+    llm = ScriptedLLM([mixed])
+    history = [{"role": "agent", "text": "Hello, Sam here. What seems to be the problem?"}]
+    persona = Persona("Dana Reyes", "angry", "laptop", "Sam")
+    reply = generate_turn(llm, load_scenario(), persona, "customer", history)
+    assert (reply.text, reply.attempts) == (
+        "My laptop is still dead, Sam. When do I get my refund?",
+        1,
+    )
+
+
 def test_a_customer_offering_help_is_retried_as_the_customer():
-    offer = "I'm glad it works. If you have any other questions, please let me know."
+    offer = "If you have any other questions, please let me know."
     llm = ScriptedLLM([offer, "So when exactly will the replacement ship?"])
     history = [
         {"role": "customer", "text": "My laptop will not start and I want a refund."},
