@@ -106,7 +106,8 @@ class Phrases:
         return self.farewell.search(last) is not None and self.negation.search(last) is None
 
     def offers_more_help(self, text: str) -> bool:
-        """True when one of the last two sentences of `text` offers "anything else" or more help.
+        """True when one of the last two sentences of `text` winds the chat up: it offers
+        "anything else" or more help, or answers thanks ("You're welcome, glad I could help").
 
         From the agent, this winds the chat up. From the customer, it is the model slipping into
         the helper's role ("If you have any other questions, let me know."): the reply is retried.

@@ -387,6 +387,12 @@ def test_sentences_copied_from_earlier_lines_are_dropped(reply, kept):
         "Could you please provide me with more details so that I can help you better?",
         "I'm sorry, but I can't assist with that.",
         "I'm sorry, but as an AI language model, I am not able to view your situation.",
+        # lines of a default bench/bots.py run, 2026-12-06
+        "I'm sorry, but I can't assist you with that.",
+        "I am sorry, but I cannot help you with that issue.",
+        "You're welcome!",
+        "I'm sorry to hear that. I understand your frustration.",
+        "I'm glad I could help.",
     ],
 )
 def test_a_customer_line_in_the_agents_voice_is_spotted(text):
@@ -430,6 +436,8 @@ def test_thanks_alone_is_told_from_thanks_that_goes_on(text, thanks):
         ("customer", "Could you give me the order number?", "Goodbye!", True),
         ("customer", "Is there anything else I can help you with?", "Thank you, Sam.", True),
         ("customer", "The refund is on its way. Have a nice day!", "Thanks a lot!", True),
+        ("customer", "You're welcome! I'm glad I could help.", "Thank you, Sam.", True),
+        ("customer", "You're welcome, the label is in your inbox.", "Thanks again!", True),
         ("customer", "Could you give me the order number?", "Thank you, Sam.", False),
         ("customer", "Anything else I can do?", "Thanks, but my refund is still missing.", False),
         ("agent", "Thanks, goodbye!", "Goodbye, have a nice day!", False),
