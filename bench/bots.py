@@ -13,7 +13,7 @@ each reply has the bots' token count). No Kafka, no state, no other
 service competing for the cores.
 
 Usage: .venv/bin/python bench/bots.py [--quick] [--model M] [--seconds N] [--sweep]
-`--sweep` measures 1+1 and 2+2 bot replicas with 1 and 2 llama threads (one line each).
+`--sweep` measures 1+1 and 2+2 bot replicas, one thread each or every core with the core lock.
 Last line: RESULT bots ratio=<ours/limit msgs per min> target=0.8 reuse_speedup=...
 evaluated_prompt_share=... msgs_per_min=... conversations_per_hour=... limit_msgs_per_min=...
 """
@@ -64,6 +64,11 @@ class Run:
     @property
     def per_minute(self) -> float:
         return len(self.replies) / self.minutes
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Completion tokens of every reply (retried attempts included) per second of the run."""
+        return sum(m["completion_tokens"] for m in self.replies) / (self.minutes * 60)
 
     @property
     def conversations_per_hour(self) -> float:
@@ -256,24 +261,30 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 
 
 def sweep(model: str, seconds: float) -> None:
-    """One stack run per bot layout (replicas per side x llama threads); one line each."""
-    for replicas in (1, 2):
-        for threads in (1, 2):
-            run = run_stack(
-                f"{replicas}+{replicas} replicas, {threads} thread(s)",
-                model,
-                seconds,
-                replicas=replicas,
-                threads=threads,
-            )
-            print(
-                f"SWEEP replicas={replicas}+{replicas} threads={threads} "
-                f"msgs_per_min={run.per_minute:.2f} "
-                f"conversations_per_hour={run.conversations_per_hour:.1f} "
-                f"evaluated_prompt_share={run.evaluated_share or 0:.2f} "
-                f"fleet_latency_ms_avg={run.fleet.get('latency_ms_avg', 'n/a')}",
-                flush=True,
-            )
+    """One stack run per bot layout (replicas per side, llama threads, core lock); one line each.
+
+    Without the core lock each process gets one thread (more would spin on the others' cores);
+    with it, every core.
+    """
+    cores = os.cpu_count() or 1
+    layouts = ((1, 1, False), (2, 1, False), (1, cores, True), (2, cores, True))
+    for replicas, threads, lock in layouts:
+        run = run_stack(
+            f"{replicas}+{replicas} replicas, {threads} thread(s), core lock {int(lock)}",
+            model,
+            seconds,
+            replicas=replicas,
+            threads=threads,
+            settings=None if lock else {"LLM_CORE_LOCK": ""},
+        )
+        print(
+            f"SWEEP replicas={replicas}+{replicas} threads={threads} core_lock={int(lock)} "
+            f"msgs_per_min={run.per_minute:.2f} tokens_per_s={run.tokens_per_second:.2f} "
+            f"conversations_per_hour={run.conversations_per_hour:.1f} "
+            f"evaluated_prompt_share={run.evaluated_share or 0:.2f} "
+            f"fleet_latency_ms_avg={run.fleet.get('latency_ms_avg', 'n/a')}",
+            flush=True,
+        )
 
 
 def main() -> None:

@@ -67,6 +67,7 @@ NOTES = {
     "LLM_N_THREADS": "In the image, unset or empty: the deployment's CPU limit in whole cores"
     " (at least 1).",
     "LLM_MODEL": "The image's default is the Qwen GGUF file baked into it.",
+    "LLM_CORE_LOCK": "On Quix Cloud every replica is a container of its own: leave it empty.",
     "DASHBOARD_ADDRESS": "In the image Streamlit listens on 0.0.0.0 instead.",
     "DASHBOARD_PORT": "In the image STREAMLIT_SERVER_PORT decides instead.",
     "REDIS_URL": "On Quix Cloud: redis://redis:6379/0 for the redis deployment of quix.yaml.",

@@ -11,6 +11,7 @@ Llama-2 chat models, whose GGUF files carry no template, are wrapped in langchai
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import random
@@ -112,6 +113,11 @@ class LLMConfig(BaseSettings):
     n_threads: int | None = Field(
         default=None, ge=1, description="llama.cpp threads per bot process; unset: all cores."
     )
+    core_lock: str = Field(
+        "",
+        description="llamacpp: path of a lock file the bot processes of one machine share, so"
+        " one generates at a time with every thread of LLM_N_THREADS; empty: off.",
+    )
     n_batch: int = Field(default=512, ge=8, description="llama.cpp prompt batch size (tokens).")
     max_tokens: int = Field(default=128, ge=8, description="Longest reply (tokens).")
     temperature: float = Field(default=0.8, ge=0.0, le=2.0, description="Sampling temperature.")
@@ -178,6 +184,29 @@ class Completion:
         return self.attempts > 1
 
 
+class CoreLock:
+    """An exclusive lock on a file shared by the bot processes of one machine (no-op without one).
+
+    Two llama.cpp processes that each use every core slow each other down many times over (their
+    threads spin on cores the other holds); holding this lock while generating, they take turns.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._file: Any = None
+
+    def __enter__(self) -> CoreLock:
+        if self.path:
+            if self._file is None:
+                self._file = open(self.path, "a")  # noqa: SIM115 - held for the process's life
+            fcntl.flock(self._file, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+
+
 class ChatModel(Protocol):
     """What a bot turn needs of a chat model, on either backend."""
 
@@ -229,6 +258,7 @@ class ChatLLM:
         from supportsim.bots.states import attach_state_cache, count_evaluated_tokens
 
         self.states = attach_state_cache(client, config.prompt_cache_mb)
+        self._cores = CoreLock(config.core_lock)
         self._evaluated: list[int] = []
         self._grammars: dict[str, Any] = {}
         count_evaluated_tokens(client, self._evaluated)
@@ -343,9 +373,10 @@ class ChatLLM:
             if self.states is not None:
                 self.states.conversation = conversation
             self._evaluated.clear()
-            started = time.perf_counter()
-            message = self._chat.invoke(list(messages), stop=stops, **overrides)
-            latency_ms = round((time.perf_counter() - started) * 1000)
+            with self._cores:
+                started = time.perf_counter()
+                message = self._chat.invoke(list(messages), stop=stops, **overrides)
+                latency_ms = round((time.perf_counter() - started) * 1000)
             # llama.cpp reads the prompt's unseen suffix in its first eval of a generation
             evaluated = self._evaluated[0] if self._evaluated else None
         raw = str(message.content)

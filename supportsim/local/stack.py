@@ -125,8 +125,11 @@ def _dashboard_argv(port: int | None) -> list[str]:
     return dashboard_argv(port or free_port())
 
 
-# llama.cpp threads per bot process unless LLM_N_THREADS is set: the bot replicas share the cores
-DEFAULT_BOT_THREADS = 1
+# llama.cpp threads per bot process unless LLM_N_THREADS is set: every core, since the bots of
+# one machine take turns generating (CORE_LOCK_FILE)
+DEFAULT_BOT_THREADS = os.cpu_count() or 1
+# the lock file in the run folder that the bot processes hold while they generate (LLM_CORE_LOCK)
+CORE_LOCK_FILE = "llm-cores.lock"
 
 # the services downstream of the bots wait for cores (they catch up while the bots generate)
 PIPELINE_NICE = 10
@@ -227,6 +230,7 @@ class Stack:
             **self.broker.client_env,
             "REDIS_URL": self.redis.url,
             "PYTHONUNBUFFERED": "1",
+            "LLM_CORE_LOCK": str(self.run_dir / CORE_LOCK_FILE),
             **self.extra_env,
         }
 
