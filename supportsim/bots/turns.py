@@ -148,7 +148,9 @@ CHECKS: tuple[Check, ...] = (
 )
 
 
-REPEATS_RANK = next(c.rank for c in CHECKS if c.name == REPEATS)
+# a bot that can only repeat itself or parrot its stage direction is stuck: the chat ends (loop),
+# and a parroted "thank Sam and say goodbye" never counts as a goodbye
+STUCK = (REPEATS, "copies_cue")
 # an empty attempt: generated again, and never the one kept
 EMPTY = Check("empty", ("customer", "agent"), 99, lambda r, v: not r.text)
 
@@ -274,8 +276,9 @@ def generate_turn(
     like the agent or says goodbye in its first message, generation is retried
     (``LLM_RETRIES`` times at most, 2 by default) with hotter sampling each time, a new seed
     and a warning in the prompt. The last attempt with no such problem is kept, else the last
-    with the mildest problem (:data:`PROBLEM_RANK`); when every written attempt repeats, the
-    reply comes back with ``loop=True`` (the caller ends the conversation). The customer is
+    with the mildest problem (:attr:`Check.rank`); when every written attempt repeats or
+    parrots its stage direction (:data:`STUCK`), the reply comes back with ``loop=True`` (the
+    caller ends the conversation). The customer is
     told to open with its problem with the product in its first message, and after an agent's
     closing line (a farewell or "anything else?") that it may thank the agent and say goodbye.
     Token counts and latency cover every attempt. `conversation` (its id) lets the model
@@ -394,20 +397,19 @@ def generate_turn(
             )
         )
         problems.append(problem(tries[-1], retry_cue))
-    written = [(t, 0 if p is None else p.rank) for t, p in zip(tries, problems, strict=True)]
-    written = [(t, rank) for t, rank in written if t.text]
+    written = [(t, p) for t, p in zip(tries, problems, strict=True) if t.text]
     if not written:
         raise EmptyReplyError(f"the model wrote nothing for the {role}, {len(tries)} times")
-    # the last attempt with the mildest problem (none at best); only repeats left is a loop
-    mildest = min(rank for _, rank in written)
-    chosen = [t for t, rank in written if rank == mildest][-1]
-    loop = mildest == REPEATS_RANK
+    # the last attempt with the mildest problem (none at best)
+    mildest = min(0 if p is None else p.rank for _, p in written)
+    chosen, trouble = [(t, p) for t, p in written if (0 if p is None else p.rank) == mildest][-1]
+    loop = trouble is not None and trouble.name in STUCK
     if loop and len(tries) > 1:
         logger.warning(
-            "%s reply still repeats an earlier line after %d retries", role, len(tries) - 1
+            "%s reply still fails %s after %d retries", role, trouble.name, len(tries) - 1
         )
     if len(tries) == 1:
-        return chosen
+        return replace(chosen, loop=loop)
     return Completion(
         text=chosen.text,
         prompt_tokens=sum(t.prompt_tokens for t in tries),
