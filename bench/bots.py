@@ -279,7 +279,7 @@ def sweep(model: str, seconds: float) -> None:
         )
         print(
             f"SWEEP replicas={replicas}+{replicas} threads={threads} core_lock={int(lock)} "
-            f"msgs_per_min={run.per_minute:.2f} tokens_per_s={run.tokens_per_second:.2f} "
+            f"msgs_per_min={run.per_minute:.2f} completion_per_s={run.tokens_per_second:.2f} "
             f"conversations_per_hour={run.conversations_per_hour:.1f} "
             f"evaluated_prompt_share={run.evaluated_share or 0:.2f} "
             f"fleet_latency_ms_avg={run.fleet.get('latency_ms_avg', 'n/a')}",
