@@ -121,6 +121,7 @@ class Check:
 
 
 REPEATS = "repeats"
+COPIES_CUE = "copies_cue"
 CHECKS: tuple[Check, ...] = (
     Check(
         REPEATS,
@@ -137,7 +138,7 @@ CHECKS: tuple[Check, ...] = (
             v.first and (r.decision.ends_chat if r.decision else v.phrases.is_goodbye(r.text))
         ),
     ),
-    Check("copies_cue", ("customer", "agent"), 2, lambda r, v: copies_words_of(r.text, v.cue)),
+    Check(COPIES_CUE, ("customer", "agent"), 2, lambda r, v: copies_words_of(r.text, v.cue)),
     Check(
         "copies_instructions",
         ("customer",),
@@ -150,7 +151,7 @@ CHECKS: tuple[Check, ...] = (
 
 # a bot that can only repeat itself or parrot its stage direction is stuck: the chat ends (loop),
 # and a parroted "thank Sam and say goodbye" never counts as a goodbye
-STUCK = (REPEATS, "copies_cue")
+STUCK = (REPEATS, COPIES_CUE)
 # an empty attempt: generated again, and never the one kept
 EMPTY = Check("empty", ("customer", "agent"), 99, lambda r, v: not r.text)
 
@@ -401,8 +402,7 @@ def generate_turn(
     if not written:
         raise EmptyReplyError(f"the model wrote nothing for the {role}, {len(tries)} times")
     # the last attempt with the mildest problem (none at best)
-    mildest = min(0 if p is None else p.rank for _, p in written)
-    chosen, trouble = [(t, p) for t, p in written if (0 if p is None else p.rank) == mildest][-1]
+    chosen, trouble = min(reversed(written), key=lambda w: 0 if w[1] is None else w[1].rank)
     loop = trouble is not None and trouble.name in STUCK
     if loop and len(tries) > 1:
         logger.warning(
